@@ -1,0 +1,60 @@
+"""Tutorial 001's "best" member with BatchNorm blocks (twin of `tf_ref/models/bn_cnn.py`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torch_impl.init import glorot_normal_
+from torch_impl.layers import BatchNorm1d, BatchNorm2d, MaxPool2d
+
+
+class ConvBNRelu(nn.Module):
+    """Conv (no activation) -> BatchNorm with Keras's momentum 0.99 / epsilon 1e-3 -> ReLU."""
+
+    def __init__(self, in_channels: int, filters: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, filters, kernel_size, padding=kernel_size // 2)
+        self.bn = BatchNorm2d(filters)
+        glorot_normal_(self.conv.weight)  # kernel_initializer='glorot_normal'
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class DenseBNRelu(nn.Module):
+    def __init__(self, in_features: int, units: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, units)
+        self.bn = BatchNorm1d(units)
+        glorot_normal_(self.dense.weight)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.dense(x)))
+
+
+class BNCNN(nn.Module):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.4):
+        super().__init__()
+        self.conv1 = ConvBNRelu(1, 32)
+        self.pool1 = MaxPool2d(2, padding="same")
+        self.conv2 = ConvBNRelu(32, 64)
+        self.pool2 = MaxPool2d(2, padding="same")
+        self.conv3 = ConvBNRelu(64, 128)
+        self.pool3 = MaxPool2d(2, padding="same")
+        self.pool3_flat = nn.Flatten()
+        self.dense4 = DenseBNRelu(4 * 4 * 128, 256)
+        self.drop4 = nn.Dropout(dropout)
+        self.dense5 = nn.Linear(256, num_classes)
+        glorot_normal_(self.dense5.weight)
+        nn.init.zeros_(self.dense5.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.conv1(x))  # (B, 32, 14, 14)
+        x = self.pool2(self.conv2(x))  # (B, 64, 7, 7)
+        x = self.pool3(self.conv3(x))  # (B, 128, 4, 4)
+        x = self.pool3_flat(x)
+        x = self.drop4(self.dense4(x))
+        return self.dense5(x)

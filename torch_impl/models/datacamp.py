@@ -1,0 +1,44 @@
+"""Tutorial 004's CNN (twin of `tf_ref/models/datacamp.py`, which is written with raw `tf.Variable`s).
+
+The idiomatic port uses layers; what it keeps from the tutorial is the init: TF1's `xavier_initializer()` on
+weights AND biases. `dropout=True` gives `datacamp_dropout` (0.25 after each pool, 0.5 after fc1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torch_impl.init import glorot_uniform_, tf1_xavier_uniform_
+from torch_impl.layers import MaxPool2d
+
+
+class DataCampCNN(nn.Module):
+    def __init__(self, dropout: bool = False, num_classes: int = 10):
+        super().__init__()
+        self.dropout = dropout
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.pool1 = MaxPool2d(2, padding="same")
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.pool2 = MaxPool2d(2, padding="same")
+        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
+        self.pool3 = MaxPool2d(2, padding="same")  # 7 -> 4
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(4 * 4 * 128, 128)
+        self.out = nn.Linear(128, num_classes)
+        if dropout:
+            self.drop1, self.drop2, self.drop3 = nn.Dropout(0.25), nn.Dropout(0.25), nn.Dropout(0.25)
+            self.drop4 = nn.Dropout(0.5)
+        for layer in (self.conv1, self.conv2, self.conv3, self.fc1, self.out):
+            glorot_uniform_(layer.weight)  # xavier_initializer() = glorot uniform for a kernel
+            tf1_xavier_uniform_(layer.bias)  # ... and the tutorial applies it to the biases too
+
+    def _drop(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name)(x) if self.dropout else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._drop("drop1", self.pool1(torch.relu(self.conv1(x))))  # (B, 32, 14, 14)
+        x = self._drop("drop2", self.pool2(torch.relu(self.conv2(x))))  # (B, 64, 7, 7)
+        x = self._drop("drop3", self.pool3(torch.relu(self.conv3(x))))  # (B, 128, 4, 4)
+        x = self._drop("drop4", torch.relu(self.fc1(self.flatten(x))))
+        return self.out(x)
