@@ -1,0 +1,36 @@
+"""Tutorial 001's augmentation drawn on the fly, in batched tensor ops (twin of `parity/augment.py`).
+
+Rotation by an integer angle in [-15, 15] degrees, then a shift by integers in [shift_low, shift_high) pixels on
+each axis, empty pixels filled with each image's median, like the tutorial's `scipy.ndimage` calls. The
+interpolation is bilinear where ndimage uses cubic splines, so the copies are close, not identical: use
+`augment="tut001"` (the pre-generated arrays) for exact reproduction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_rotate_shift(x: torch.Tensor, max_degrees: int = 15, shift_low: int = -2, shift_high: int = 2,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 1, H, W) float -> same shape, each image rotated and shifted by its own random draw."""
+    if x.ndim != 4:
+        raise ValueError(f"expected (B, C, H, W), got {tuple(x.shape)}")
+    b, _, h, w = x.shape
+    device = x.device
+    angles = torch.randint(-max_degrees, max_degrees + 1, (b,), generator=generator).to(device) * (math.pi / 180)
+    shifts = torch.randint(shift_low, shift_high, (b, 2), generator=generator).to(device, x.dtype)  # (rows, cols)
+    cos, sin = torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype)
+    theta = torch.zeros(b, 2, 3, device=device, dtype=x.dtype)
+    # output pixel -> input pixel, in normalized coordinates: rotate about the centre, then undo the shift
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
+    theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
+    theta[:, 0, 2] = -shifts[:, 1] * 2 / w
+    theta[:, 1, 2] = -shifts[:, 0] * 2 / h
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    background = x.flatten(1).median(dim=1).values.view(b, 1, 1, 1)
+    # sampling (x - background) with zero padding fills the uncovered area with the background value
+    return F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + background

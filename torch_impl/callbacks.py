@@ -1,0 +1,111 @@
+"""Lightning callbacks that give a torch run the same outputs as a TF run, and Keras's early-stopping semantics."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from parity.runs import TB_TAGS, History
+
+
+class HistoryWriter(Callback):
+    """Writes `history.json` / `history.csv` and the shared TensorBoard tags (see `parity.runs`) every epoch.
+
+    Args:
+        directory: the run directory.
+        model_name, seed, recipe: recorded in the history header.
+    """
+
+    def __init__(self, directory: str, model_name: str = "", seed: int = 0, recipe: dict | None = None):
+        super().__init__()
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.history = History(self.directory, model_name, "torch", recipe or {}, seed)
+        self.writer = None
+        self._t0 = 0.0
+        self._fit_started = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+        if trainer.is_global_zero and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        pl_module.reset_epoch_metrics()  # the sanity batches are not an epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        # runs after the epoch's validation: train, val and test numbers are all in
+        row = pl_module.epoch_metrics(reset=True)
+        members = {k: v for k, v in row.items() if k.startswith("member")}
+        row = {k: v for k, v in row.items() if not k.startswith("member")}
+        row.update(epoch=trainer.current_epoch + 1, seconds=time.perf_counter() - self._t0)
+        optimizer = trainer.optimizers[0]
+        row["lr"] = float(optimizer.param_groups[0]["lr"])
+        if not trainer.is_global_zero:
+            return
+        self.history.add_epoch(row)
+        for key, value in row.items():
+            if key in TB_TAGS:
+                self.writer.add_scalar(TB_TAGS[key], value, row["epoch"])
+        for key, value in members.items():
+            self.writer.add_scalar(f"members/{key}", value, row["epoch"])
+        self.writer.flush()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.history.finish(train_seconds=time.perf_counter() - self._fit_started)
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+
+    def state_dict(self) -> dict:
+        return {"epochs": self.history.epochs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history.epochs = list(state_dict.get("epochs", []))  # a resumed run keeps its earlier epochs
+
+
+class RestoreBestWeights(Callback):
+    """Keras's `EarlyStopping(restore_best_weights=True)`: at the end of training, put back the weights of the
+    epoch with the best monitored value (Lightning's EarlyStopping only stops).
+
+    Keras restores them whenever training ends with a best epoch on record, stopped early or not.
+    """
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min"):
+        super().__init__()
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_epoch = value, trainer.current_epoch + 1
+            self.best_state = copy.deepcopy({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.best_state is not None:
+            pl_module.load_state_dict(self.best_state)
+            if trainer.is_global_zero:
+                print(f"Restoring model weights from the end of the best epoch: {self.best_epoch}.")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
+
