@@ -1,0 +1,98 @@
+"""Structure (level 1): every catalog model, in both frameworks, has the tutorials' parameter counts and
+per-layer output shapes; the three Keras styles of `cnn` agree; custom Keras layers load in safe mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from parity.catalog import MODEL_NAMES, get_spec, recipe_for
+from parity.summary import check_against_catalog
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_torch_model_matches_catalog(name):
+    from torch_impl.summary import summarize
+
+    problems = check_against_catalog(summarize(name))
+    assert not problems, f"{name} (torch) differs from the catalog: {problems}"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_tf_model_matches_catalog(tf, name):
+    from tf_ref.summary import summarize
+
+    problems = check_against_catalog(summarize(name))
+    assert not problems, f"{name} (tf) differs from the catalog: {problems}"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_summaries_agree_across_frameworks(tf, name):
+    from tf_ref.summary import summarize as tf_summary
+    from torch_impl.summary import summarize as torch_summary
+
+    a, b = tf_summary(name), torch_summary(name)
+    for key in ("total_params", "trainable_params", "non_trainable_params"):
+        assert a[key] == b[key], f"{name} {key}: tf {a[key]} vs torch {b[key]}"
+    rows = lambda s: [(layer["name"], tuple(layer["output_shape"]), layer["params"]) for layer in s["layers"]]  # noqa
+    assert rows(a) == rows(b)
+
+
+@pytest.mark.parametrize("style", ["sequential", "subclass"])
+def test_cnn_keras_styles_agree(tf, style, rng):
+    from tf_ref.models import build_model
+    from tf_ref.weights import get_weights, set_weights
+
+    reference = build_model("cnn", style="functional", seed=0)
+    other = build_model("cnn", style=style, seed=1)
+    assert sorted(get_weights(reference)) == sorted(get_weights(other)), "the styles must share one weight layout"
+    set_weights(other, get_weights(reference))
+    x = rng.random((8, 28, 28, 1), dtype=np.float32)
+    diff = np.abs(reference(x, training=False).numpy() - other(x, training=False).numpy()).max()
+    assert diff == 0.0, f"functional vs {style}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("name", ["lenet_c", "inception_e"])
+def test_custom_layers_load_in_safe_mode(tf, name, tmp_path, rng):
+    import keras
+
+    from tf_ref.models import build_model
+
+    model = build_model(name, seed=0)
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)  # a Lambda layer would be refused here
+    x = rng.random((4, 28, 28, 1), dtype=np.float32) * 255
+    np.testing.assert_array_equal(model(x).numpy(), loaded(x).numpy())
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="choose one of: cnn, cnn_ensemble3"):
+        get_spec("resnet50")
+    with pytest.raises(ValueError, match="tut001_cnn"):
+        recipe_for("cnn", "tut999")
+    with pytest.raises(ValueError, match="building block"):
+        recipe_for("residual_block")
+
+
+def test_torch_builder_rejects_unknown_model():
+    from torch_impl.models import build_model
+
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        build_model("vgg")
+
+
+def test_wrong_input_shape_says_what_was_expected(tf):
+    from tf_ref.train import prepare
+
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 28, 28\), got \(5, 32, 32\)"):
+        prepare(np.zeros((5, 32, 32), np.uint8), 255.0)
+
+
+def test_torch_dataset_rejects_mismatched_arrays():
+    from torch_impl.datamodule import InMemoryImages
+
+    with pytest.raises(ValueError, match="expected images of shape"):
+        InMemoryImages(np.zeros((5, 784), np.uint8), np.zeros(5))
+    with pytest.raises(ValueError, match="5 images but 4 labels"):
+        InMemoryImages(np.zeros((5, 28, 28), np.uint8), np.zeros(4))
