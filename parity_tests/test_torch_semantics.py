@@ -346,7 +346,8 @@ def test_batchnorm_keeps_standard_state_dict_and_torch_bn_differs():
     assert set(bn.state_dict()) == set(stock.state_dict()), "buffer/parameter names must match nn.BatchNorm2d"
     stock.load_state_dict(bn.state_dict())
     for x in _bn_batches():
-        bn(torch.from_numpy(x)), stock(torch.from_numpy(x))
+        bn(torch.from_numpy(x))
+        stock(torch.from_numpy(x))
     # nn.BatchNorm2d feeds the unbiased variance (N/(N-1), N = 120 here) into running_var.
     assert_differs(bn.running_var.numpy(), stock.running_var.numpy(), 1e-4, "stock nn.BatchNorm2d running_var")
 

@@ -23,9 +23,18 @@ class LocalResponseNormalization(layers.Layer):
         self.beta = beta
 
     def call(self, inputs):
+        if inputs.dtype == tf.float64:
+            return self._explicit(inputs)  # TF's LRN kernel has no float64 version
         return tf.nn.local_response_normalization(
             inputs, depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha, beta=self.beta
         )
+
+    def _explicit(self, x):
+        """x / (bias + alpha * sum of x^2 over channels [c - r, c + r]) ** beta, the op's definition."""
+        r, channels = self.depth_radius, x.shape[-1]
+        squared = tf.pad(tf.square(x), [[0, 0]] * (len(x.shape) - 1) + [[r, r]])
+        window = tf.add_n([squared[..., k:k + channels] for k in range(2 * r + 1)])
+        return x / tf.pow(self.bias + self.alpha * window, self.beta)
 
     def compute_output_shape(self, input_shape):
         return input_shape

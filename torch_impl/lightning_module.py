@@ -35,6 +35,15 @@ def combine_members(member_logits: list[torch.Tensor], combine: str = "logits") 
     raise ValueError(f"unknown combine {combine!r}; choose one of: {', '.join(COMBINE)}")
 
 
+def build_optimizer(parameters, optimizer: str = "adam", lr: float = 1e-3, epsilon: float = 1e-7):
+    """The recipe's optimizer with Keras / TF1 numerics (see torch_impl/optim.py for what differs from torch's)."""
+    if optimizer == "rmsprop":
+        return KerasRMSprop(parameters, lr=lr, rho=0.9, epsilon=epsilon)
+    if optimizer == "adam":
+        return KerasAdam(parameters, lr=lr, epsilon=epsilon)
+    raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'rmsprop'")
+
+
 class ClassifierModule(L.LightningModule):
     """Args:
     model_name: a catalog name (`parity summary` lists them); `cnn_ensemble3` means members=3 of `cnn`.
@@ -174,10 +183,7 @@ class ClassifierModule(L.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.optimizer == "rmsprop":
-            optimizer = KerasRMSprop(self.parameters(), lr=hp.lr, rho=0.9, epsilon=hp.epsilon)
-        else:
-            optimizer = KerasAdam(self.parameters(), lr=hp.lr, epsilon=hp.epsilon)
+        optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.epsilon)
         if hp.lr_decay_rate is None:
             return optimizer
         steps_per_epoch = self.trainer.estimated_stepping_batches / max(self.trainer.max_epochs, 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -53,9 +54,10 @@ class DataCampCNN(tf.Module):
     def __init__(self, dropout: bool = False, seed: int | None = None, name: str | None = None):
         super().__init__(name=name or ("datacamp_dropout" if dropout else "datacamp"))
         rng = np.random.default_rng(seed)
+        dtype = keras.config.floatx()  # float32 unless the user asks Keras for float64
         self.dropout = bool(dropout)
-        self.weights = {k: tf.Variable(xavier_uniform(s, rng), name=k) for k, s in WEIGHT_SHAPES.items()}
-        self.biases = {k: tf.Variable(xavier_uniform(s, rng), name=k) for k, s in BIAS_SHAPES.items()}
+        self.weights = {k: tf.Variable(xavier_uniform(s, rng).astype(dtype), name=k) for k, s in WEIGHT_SHAPES.items()}
+        self.biases = {k: tf.Variable(xavier_uniform(s, rng).astype(dtype), name=k) for k, s in BIAS_SHAPES.items()}
 
     @property
     def trainable_variables(self):

@@ -1,0 +1,238 @@
+"""PyTorch layers with TensorFlow/Keras numerics, for NCHW tensors.
+
+Every block here exists because the PyTorch default differs from the TF/Keras
+behaviour the tutorials rely on; each class says what differs and why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Padding = Literal["same", "valid"]
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _check_padding(padding: str) -> Padding:
+    if padding not in ("same", "valid"):
+        raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+    return padding  # type: ignore[return-value]
+
+
+def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """Return ``(pad_before, pad_after)`` that TF's ``padding='SAME'`` applies along one spatial axis.
+
+    The output size is ``ceil(size / stride)``; when the total padding is odd, the extra
+    pixel goes after (bottom/right), which PyTorch's symmetric ``padding=`` cannot express.
+    """
+    out = math.ceil(size / stride)
+    effective_kernel = (kernel - 1) * dilation + 1
+    total = max((out - 1) * stride + effective_kernel - size, 0)
+    before = total // 2
+    return before, total - before
+
+
+def _same_pads_2d(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int]) -> tuple[int, ...]:
+    """TF 'SAME' padding for an NCHW tensor, in ``F.pad`` order (left, right, top, bottom)."""
+    top, bottom = tf_same_padding(height, kernel[0], stride[0])
+    left, right = tf_same_padding(width, kernel[1], stride[1])
+    return left, right, top, bottom
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` with TF ``padding='same'|'valid'``; the weight stays a plain OIHW parameter.
+
+    Why: TF 'same' with stride > 1 or an even kernel pads asymmetrically (extra pixel
+    bottom/right) and depends on the input size; PyTorch only pads symmetrically.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: Padding = "valid",
+        bias: bool = True,
+    ) -> None:
+        kernel, strides = _pair(kernel_size), _pair(stride)
+        self.tf_padding = _check_padding(padding)
+        # Fast path: stride 1 with odd kernels gives the same symmetric padding for every input size.
+        self._symmetric = self.tf_padding == "same" and strides == (1, 1) and all(k % 2 == 1 for k in kernel)
+        native = tuple((k - 1) // 2 for k in kernel) if self._symmetric else 0
+        super().__init__(in_channels, out_channels, kernel, stride=strides, padding=native, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tf_padding == "same" and not self._symmetric:
+            # Asymmetric TF padding, computed from the actual input size, applied before a padding-0 conv.
+            x = F.pad(x, _same_pads_2d(x.shape[-2], x.shape[-1], self.kernel_size, self.stride))
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tf_padding={self.tf_padding!r}"
+
+
+class MaxPool2d(nn.Module):
+    """Max pooling with TF ``padding='same'|'valid'`` (e.g. 7 -> 4 with a 2x2/2 window under 'same').
+
+    Why: TF 'same' pads asymmetrically and padded cells never win the max; padding with
+    ``-inf`` reproduces that for any input sign (zero padding would win on negative inputs).
+    """
+
+    def __init__(
+        self,
+        kernel_size: int | tuple[int, int] = 2,
+        stride: int | tuple[int, int] | None = None,
+        padding: Padding = "valid",
+    ) -> None:
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        # Keras defaults strides to the pool size, as PyTorch does.
+        self.stride = self.kernel_size if stride is None else _pair(stride)
+        self.padding = _check_padding(padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == "same":
+            # -inf padding so that only real pixels can be the maximum, as in TF.
+            x = F.pad(x, _same_pads_2d(x.shape[-2], x.shape[-1], self.kernel_size, self.stride), value=-math.inf)
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}"
+
+
+class AvgPool2d(nn.Module):
+    """Average pooling with TF ``padding='same'|'valid'``.
+
+    Why: TF 'same' average pooling divides each window by the number of real pixels it
+    covers, including on the asymmetric bottom/right pad; ``nn.AvgPool2d`` pads symmetrically.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] | None = None,
+        padding: Padding = "valid",
+    ) -> None:
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        # Keras defaults strides to the pool size, as PyTorch does.
+        self.stride = self.kernel_size if stride is None else _pair(stride)
+        self.padding = _check_padding(padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == "valid":
+            return F.avg_pool2d(x, self.kernel_size, self.stride)
+        pads = _same_pads_2d(x.shape[-2], x.shape[-1], self.kernel_size, self.stride)
+        # Window sums over zero padding, divided by how many real pixels each window saw.
+        sums = F.avg_pool2d(F.pad(x, pads), self.kernel_size, self.stride, divisor_override=1)
+        ones = torch.ones((1, 1, x.shape[-2], x.shape[-1]), dtype=x.dtype, device=x.device)
+        counts = F.avg_pool2d(F.pad(ones, pads), self.kernel_size, self.stride, divisor_override=1)
+        return sums / counts
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}"
+
+
+class LocalResponseNorm(nn.Module):
+    """``tf.nn.local_response_normalization`` on NCHW input (the channel window runs along dim 1).
+
+    ``out = x / (bias + alpha * sum_{c' in [c - r, c + r]} x_{c'}^2) ** beta``.
+    Why not ``nn.LocalResponseNorm``: it takes a window *size* (2r + 1) rather than a radius
+    and divides ``alpha`` by that size (it averages the squares), so TF's parameters map to
+    ``nn.LocalResponseNorm(size=2r + 1, alpha=alpha * (2r + 1), beta=beta, k=bias)``.
+    """
+
+    def __init__(self, depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0, beta: float = 0.5) -> None:
+        super().__init__()
+        self.depth_radius = depth_radius
+        self.bias = bias
+        self.alpha = alpha
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, channels = self.depth_radius, x.shape[1]
+        # Zero-pad the channel axis (F.pad order: W, W, H, H, C, C) so edge windows are simply truncated.
+        squares = F.pad(x.square(), (0, 0, 0, 0, r, r))
+        # Plain sum over the window, as TF does, rather than nn.LocalResponseNorm's mean.
+        sqr_sum = sum(squares[:, i : i + channels] for i in range(2 * r + 1))
+        return x / (self.bias + self.alpha * sqr_sum) ** self.beta
+
+    def extra_repr(self) -> str:
+        return f"depth_radius={self.depth_radius}, bias={self.bias}, alpha={self.alpha}, beta={self.beta}"
+
+
+class _KerasBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Shared forward for the Keras-semantics batch norms (see ``BatchNorm2d``)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        keras_momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        # Keras' momentum weighs the old moving value, PyTorch's weighs the new batch statistic.
+        super().__init__(num_features, eps=epsilon, momentum=1.0 - keras_momentum, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        shape = [1, self.num_features] + [1] * (x.dim() - 2)
+        if self.training:
+            dims = [0, *range(2, x.dim())]
+            mean = x.mean(dims)
+            # Biased (divide by N) batch variance, as tf.nn.moments; the mean is detached there too.
+            var = (x - mean.detach().view(shape)).square().mean(dims)
+            with torch.no_grad():
+                # Keras updates the moving variance with the biased variance; PyTorch uses the unbiased one.
+                keep = 1.0 - self.momentum
+                self.running_mean.copy_(self.running_mean * keep + mean * (1.0 - keep))
+                self.running_var.copy_(self.running_var * keep + var * (1.0 - keep))
+                self.num_batches_tracked.add_(1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        # Same operation order as tf.nn.batch_normalization: x * inv + (beta - mean * inv).
+        inv = torch.rsqrt(var + self.eps) * self.weight
+        return x * inv.view(shape) + (self.bias - mean * inv).view(shape)
+
+
+class BatchNorm2d(_KerasBatchNorm):
+    """``keras.layers.BatchNormalization`` on NCHW feature maps, with standard PyTorch buffers.
+
+    Why: Keras defaults are momentum 0.99 (= PyTorch momentum 0.01) and epsilon 1e-3, and
+    Keras updates ``moving_variance`` with the biased batch variance (PyTorch: unbiased).
+    Both normalize training batches with the biased variance.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (N, C, H, W), got {x.dim()}D")
+
+
+class BatchNorm1d(_KerasBatchNorm):
+    """``keras.layers.BatchNormalization`` on ``(N, C)`` or ``(N, C, L)`` input; see ``BatchNorm2d``."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input, got {x.dim()}D")
+
+
+def nhwc_flatten_permutation(c: int, h: int, w: int) -> torch.Tensor:
+    """Map NCHW-flatten positions to NHWC-flatten positions.
+
+    ``perm[i]`` is the index, in Keras' NHWC ``Flatten`` order, of the element found at
+    index ``i`` of PyTorch's NCHW ``nn.Flatten`` order, so that
+    ``x_nchw.flatten(1) == x_nhwc.flatten(1)[:, perm]``.  Why: the first Dense after a
+    Flatten sees features in a different order; a Keras kernel ``K`` of shape
+    ``(h*w*c, out)`` becomes ``nn.Linear.weight = K.T[:, perm]``.  The inverse map is
+    ``torch.argsort(perm)``.
+    """
+    return torch.arange(h * w * c).reshape(h, w, c).permute(2, 0, 1).reshape(-1)
