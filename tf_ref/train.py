@@ -59,6 +59,8 @@ def _tb_write(writer, row: dict) -> None:
 def _load(recipe: Recipe, seed: int, data_dir, limit_train: int | None):
     split = pdata.load_split(recipe.dataset, recipe.split, source_dir=data_dir)
     x_train, y_train = split.x_train, split.y_train
+    if limit_train:  # before augmentation: N originals (and their copies)
+        x_train, y_train = x_train[:limit_train], y_train[:limit_train]
     if recipe.augment == "tut001":
         from parity.augment import cached_augment_tut001
 
@@ -66,8 +68,6 @@ def _load(recipe: Recipe, seed: int, data_dir, limit_train: int | None):
             x_train, y_train, seed=seed, cache_dir=pdata.default_cache_dir() / "augmented",
             shift_low=recipe.shift_low, shift_high=recipe.shift_high,
         )
-    if limit_train:
-        x_train, y_train = x_train[:limit_train], y_train[:limit_train]
     return split, x_train, y_train
 
 

@@ -62,7 +62,7 @@ class MNISTDataModule(L.LightningDataModule):
         augment: None, "tut001" (the tutorial's 4 pre-generated copies, exact) or "tut001_online" (the same
             distribution drawn per batch on the device: nothing extra in memory).
         data_dir: a directory holding the standard IDX files (tried before downloads and offline copies).
-        limit_train: keep only the first N training images (smoke runs).
+        limit_train: keep only the first N training images (before augmentation; smoke runs).
         seed: seeds the pre-generated augmentation.
         eval_batch_size: batch size for validation and test.
     """
@@ -87,6 +87,8 @@ class MNISTDataModule(L.LightningDataModule):
         hp = self.hparams
         self.split = pdata.load_split(hp.dataset, hp.split, source_dir=hp.data_dir)
         x, y, repeats = self.split.x_train, self.split.y_train, 1
+        if hp.limit_train:  # before augmentation: N originals (and their copies)
+            x, y = x[: hp.limit_train], y[: hp.limit_train]
         if hp.augment == "tut001":
             from parity.augment import cached_augment_tut001
 
@@ -94,8 +96,6 @@ class MNISTDataModule(L.LightningDataModule):
                                          shift_low=hp.shift_low, shift_high=hp.shift_high)
         elif hp.augment == "tut001_online":
             repeats = 5
-        if hp.limit_train:
-            x, y = x[: hp.limit_train], y[: hp.limit_train]
         self.train_set = InMemoryImages(x, y, repeats=repeats)
         self.eval_sets = {}
         if self.split.x_val is not None:

@@ -1,0 +1,23 @@
+"""LightningCLI entry point: every hyperparameter comes from the typed `__init__` arguments of
+`ClassifierModule` and `MNISTDataModule`, and each tutorial's recipe is a YAML file under `configs/`.
+
+    python -m torch_impl.cli fit --config configs/tut001_cnn.yaml
+    python -m torch_impl.cli fit --config configs/tut001_cnn.yaml --trainer.fast_dev_run=true
+    python -m torch_impl.cli fit --config configs/tut001_cnn.yaml --print_config
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from torch_impl.datamodule import MNISTDataModule
+from torch_impl.lightning_module import ClassifierModule
+
+
+def main(args=None, run: bool = True) -> LightningCLI:
+    return LightningCLI(ClassifierModule, MNISTDataModule, args=args, run=run, seed_everything_default=0,
+                        save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()
