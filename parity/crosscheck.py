@@ -1,0 +1,205 @@
+"""Cross-framework checks that need both TensorFlow and torch in one process (used by `parity compare` and the
+tests). Import order matters: the torch side is loaded first (triton's native library crashes when loaded after
+TensorFlow's), so import this module before anything imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch  # noqa: F401  (before TensorFlow, see above)
+import torch.nn.functional as F
+
+import torch_impl.lightning_module  # noqa: F401  (loads Lightning / torchmetrics / triton before TensorFlow)
+from parity.catalog import get_spec, recipe_for
+from parity.interchange import tf_to_torch, torch_activation_to_tf, torch_to_tf
+
+STEPS = 50
+BATCH = 32
+
+
+def _batches(mnist, scale: float, steps: int):
+    x = (mnist["x_train"][: steps * BATCH].astype(np.float32) / np.float32(scale))[..., None]
+    y = mnist["y_train"][: steps * BATCH].astype(np.int64)
+    return [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(steps)]
+
+
+def _no_dropout_tf(model):
+    import keras
+
+    from tf_ref.models.datacamp import DataCampCNN
+
+    if isinstance(model, DataCampCNN):
+        model.dropout = False
+        return
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+
+
+def _no_dropout_torch(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def run_both(name: str, steps: int, members: int = 1, decay_steps: int | None = None, dtype: str = "float32"):
+    import keras
+
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    # the TF side's weights, optimizer slots and schedule in this dtype; the global dtype policy is set too,
+    # because once anything has read it, it no longer follows floatx
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+    try:
+        return _run_both(name, steps, members, decay_steps, dtype)
+    finally:
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
+
+
+def _run_both(name, steps, members, decay_steps, dtype):
+    import tensorflow as tf
+
+    from tf_ref.models import build_member
+    from tf_ref.train import make_optimizer
+    from tf_ref.weights import get_weights as tf_get
+    from torch_impl.lightning_module import build_optimizer
+    from torch_impl.models import build_member as build_torch_member
+    from torch_impl.models import model_logits
+    from torch_impl.optim import exponential_decay_lambda
+    from torch_impl.weights import get_weights as torch_get
+    from torch_impl.weights import set_weights as torch_set
+
+    recipe = recipe_for(name, members=members)
+    if decay_steps:
+        recipe = recipe.replace(lr_decay_rate=0.5, lr_decay_epochs=1.0)
+    member_name = get_spec(name).member or name
+    softmax = get_spec(member_name).output == "softmax"
+
+    tf_members = [build_member(name, seed=10 + i) for i in range(members)]
+    torch_members = [build_torch_member(name, seed=i) for i in range(members)]
+    for tf_m, torch_m in zip(tf_members, torch_members):
+        torch_m.to(getattr(torch, dtype))
+        torch_set(torch_m, tf_to_torch(member_name, tf_get(tf_m)))
+        _no_dropout_tf(tf_m)
+        _no_dropout_torch(torch_m)
+        torch_m.train()
+
+    tf_opt = make_optimizer(recipe, steps_per_epoch=decay_steps or 1)
+    tf_vars = [v for m in tf_members for v in m.trainable_variables]
+    tf_opt.build(tf_vars)
+    torch_params = [p for m in torch_members for p in m.parameters()]
+    torch_opt = build_optimizer(torch_params, recipe.optimizer, recipe.lr, recipe.epsilon)
+    scheduler = None
+    if recipe.lr_decay_rate is not None:  # the same ExponentialDecay, stepped once per optimizer step
+        schedule = exponential_decay_lambda(recipe.lr, int((decay_steps or 1) * recipe.lr_decay_epochs),
+                                            recipe.lr_decay_rate, staircase=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(torch_opt, schedule)
+
+    def tf_loss(model, x, y):
+        out = model(x, training=True)
+        if softmax:  # what model.fit's "sparse_categorical_crossentropy" computes on a softmax output
+            import keras
+
+            return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, out))
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out))
+
+    tf_losses, torch_losses = [], []
+    first_step = None
+    for step, (x, y) in enumerate(_batches(_mnist(), recipe.scale, steps)):
+        x = x.astype(dtype)
+        for tf_m, torch_m in zip(tf_members, torch_members):
+            with tf.GradientTape() as tape:
+                loss = tf_loss(tf_m, x, y)
+            grads = tape.gradient(loss, tf_m.trainable_variables)
+            tf_opt.apply_gradients(zip(grads, tf_m.trainable_variables))
+            tf_losses.append(float(loss))
+
+            torch_loss = F.cross_entropy(model_logits(torch_m, torch.from_numpy(x).permute(0, 3, 1, 2)),
+                                         torch.from_numpy(y))
+            torch_opt.zero_grad(set_to_none=True)
+            torch_loss.backward()
+            torch_opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            torch_losses.append(float(torch_loss.detach()))
+        if step == 0:
+            first_step = max(
+                float(np.abs(a - b).max())
+                for tf_m, torch_m in zip(tf_members, torch_members)
+                for a, b in _paired(member_name, tf_get(tf_m), torch_get(torch_m))
+            )
+    return np.array(tf_losses), np.array(torch_losses), first_step
+
+
+def _paired(member_name, tf_weights, torch_weights):
+    """(tf, torch) arrays per weight, except the biases of layers followed by BatchNorm.
+
+    BatchNorm subtracts the batch mean, so those biases have a gradient that is exactly zero in exact arithmetic;
+    what each framework computes is rounding noise (~1e-13 in float64, ~1e-8 in float32), which Adam, dividing
+    by sqrt(v) + epsilon, turns into updates of different signs. They cannot change any output (BatchNorm removes
+    them again), so comparing them would compare noise.
+    """
+    converted = torch_to_tf(member_name, torch_weights)
+    bn_fed = ("/conv/bias", "/dense/bias")
+    return [(tf_weights[k], converted[k]) for k in tf_weights if not k.endswith(bn_fed)]
+
+
+_MNIST = {}
+
+
+def _mnist():
+    if not _MNIST:
+        from parity.data import load_arrays
+
+        _MNIST.update(load_arrays("mnist"))
+    return _MNIST
+
+
+
+
+def forward_diffs(name: str, direction: str, x: np.ndarray, tf_seed: int = 1, torch_seed: int = 2) -> dict:
+    """Build both models, transfer weights in `direction`, run `x` (NHWC float32) in inference mode.
+
+    Returns {"layers": {layer: (max_abs_diff, max_abs_activation)}, "tf_out": array, "torch_out": array}, the
+    torch activations compared in TF's layout (NHWC, and a flatten in (H, W, C) order).
+    """
+    from tf_ref.models import build_model as build_tf
+    from tf_ref.models import intermediate_outputs as tf_intermediates
+    from tf_ref.weights import get_weights as tf_get
+    from tf_ref.weights import set_weights as tf_set
+    from torch_impl.models import build_model as build_torch
+    from torch_impl.models import intermediate_outputs as torch_intermediates
+    from torch_impl.weights import get_weights as torch_get
+    from torch_impl.weights import set_weights as torch_set
+
+    if direction not in ("tf_to_torch", "torch_to_tf"):
+        raise ValueError(f"unknown direction {direction!r}; choose 'tf_to_torch' or 'torch_to_tf'")
+    tf_model, torch_model = build_tf(name, seed=tf_seed), build_torch(name, seed=torch_seed).eval()
+    if direction == "tf_to_torch":
+        torch_set(torch_model, tf_to_torch(name, tf_get(tf_model)))
+    else:
+        tf_set(tf_model, torch_to_tf(name, torch_get(torch_model)))
+    tf_outputs = tf_intermediates(tf_model, x, training=False)
+    torch_outputs = torch_intermediates(torch_model, name, torch.from_numpy(x).permute(0, 3, 1, 2))
+    if list(tf_outputs) != list(torch_outputs):
+        raise AssertionError(f"{name}: layer lists differ: {list(tf_outputs)} vs {list(torch_outputs)}")
+    layers = {}
+    for layer, tf_value in tf_outputs.items():
+        tf_value = np.asarray(tf_value)
+        torch_value = torch_activation_to_tf(name, layer, torch_outputs[layer].detach().numpy())
+        if tf_value.shape != torch_value.shape:
+            raise AssertionError(f"{name}/{layer}: shape tf {tf_value.shape} vs torch {torch_value.shape}")
+        layers[layer] = (float(np.abs(tf_value - torch_value).max()), float(np.abs(tf_value).max()))
+    last = list(tf_outputs)[-1]
+    return {"layers": layers, "tf_out": np.asarray(tf_outputs[last]),
+            "torch_out": torch_activation_to_tf(name, last, torch_outputs[last].detach().numpy())}
+
+
+def first_divergence(layers: dict, atol: float = 1e-5) -> tuple[str, float, float] | None:
+    """The first layer whose difference exceeds atol * max(1, |activation|max), or None."""
+    for layer, (diff, magnitude) in layers.items():
+        limit = atol * max(1.0, magnitude)  # unscaled 0-255 inputs give activations in the hundreds
+        if diff > limit:
+            return layer, diff, limit
+    return None
