@@ -150,3 +150,24 @@ def test_one_real_epoch_of_cnn_in_both_frameworks(tf, tmp_path):
     assert acc_tf >= 0.985, f"TF: {acc_tf:.4f} < 0.985 after one epoch"
     assert acc_torch >= 0.985, f"torch: {acc_torch:.4f} < 0.985 after one epoch"
     assert abs(acc_tf - acc_torch) <= 0.005, f"TF {acc_tf:.4f} vs torch {acc_torch:.4f}: more than 0.5 points apart"
+
+
+def test_restore_best_weights_puts_back_the_best_epoch():
+    """Keras's restore_best_weights: at the end of fit the weights of the lowest-val_loss epoch come back."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from torch_impl.callbacks import RestoreBestWeights
+
+    module = torch.nn.Linear(2, 1)
+    callback = RestoreBestWeights(monitor="val_loss")
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={}, current_epoch=0, is_global_zero=True)
+    for epoch, val_loss in enumerate([0.9, 0.5, 0.7, 0.8]):  # best: epoch 2 (index 1)
+        with torch.no_grad():
+            module.weight.fill_(float(epoch))
+        trainer.current_epoch, trainer.callback_metrics = epoch, {"val_loss": torch.tensor(val_loss)}
+        callback.on_validation_end(trainer, module)
+    callback.on_fit_end(trainer, module)
+    assert callback.best_epoch == 2
+    assert torch.all(module.weight == 1.0), f"expected the weights of epoch 2 (all 1.0), got {module.weight}"
