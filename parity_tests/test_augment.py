@@ -1,0 +1,45 @@
+"""Tutorial 001's augmentation: the exact pre-generated copies and the on-device twin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from parity.augment import augment_tut001
+from torch_impl.augment import random_rotate_shift
+
+
+def test_pregenerated_copies_keep_originals_and_labels(mnist):
+    x, y = mnist["x_train"][:20], mnist["y_train"][:20]
+    ax, ay = augment_tut001(x, y, seed=0)
+    assert ax.shape == (100, 28, 28) and ax.dtype == np.uint8
+    np.testing.assert_array_equal(ax[::5], x)  # original first, then its 4 copies
+    np.testing.assert_array_equal(ay, np.repeat(y, 5))
+    assert not np.array_equal(ax[1::5], x), "the copies must differ from the originals"
+    again, _ = augment_tut001(x, y, seed=0)
+    np.testing.assert_array_equal(ax, again)  # a seed makes it repeatable
+
+
+def test_pregenerated_augmentation_rejects_floats():
+    with pytest.raises(ValueError, match="uint8"):
+        augment_tut001(np.zeros((2, 28, 28), np.float32), np.zeros(2))
+
+
+def test_online_shift_matches_an_integer_translation():
+    """No rotation and a fixed shift of +1 row / +1 column: exactly the image moved by one pixel, background-filled."""
+    x = torch.zeros(3, 1, 28, 28)
+    x[:, :, 5:20, 8:15] = 1.0
+    out = random_rotate_shift(x, max_degrees=0, shift_low=1, shift_high=2)
+    expected = torch.zeros_like(x)
+    expected[:, :, 6:21, 9:16] = 1.0  # content moves down/right, as ndimage.shift(+1, +1) does
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_online_rotation_keeps_shape_and_background():
+    x = torch.full((4, 1, 28, 28), 0.25)
+    x[:, :, 10:18, 12:16] = 1.0
+    out = random_rotate_shift(x, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert torch.allclose(out[:, :, 0, 0], torch.full((4, 1), 0.25)), "corners must be the median background"
+    assert not torch.allclose(out, x)
