@@ -250,7 +250,8 @@ def write_report(name: str, result: dict, out: Path, artifacts: dict | None) -> 
         wrong = np.flatnonzero(preds["torch"] != y)[:40]
         if len(wrong):
             cols = 10
-            fig, axes = plt.subplots(math.ceil(len(wrong) / cols), cols, figsize=(12, 1.4 * math.ceil(len(wrong) / cols)))
+            n_rows = math.ceil(len(wrong) / cols)
+            fig, axes = plt.subplots(n_rows, cols, figsize=(12, 1.4 * n_rows))
             for ax in np.atleast_1d(axes).ravel():
                 ax.axis("off")
             for ax, i in zip(np.atleast_1d(axes).ravel(), wrong):
@@ -287,13 +288,15 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
     if "train_step" in levels:
         t = levels["train_step"]
         rows.append(("3 train step", verdict(t["pass"]),
-                     f"float64: params {t['max_param_diff']:.1e} after 1 step, loss rel {t['float64_max_rel_loss_diff']:.1e}"
+                     f"float64: params {t['max_param_diff']:.1e} after 1 step, "
+                     f"loss rel {t['float64_max_rel_loss_diff']:.1e}"
                      f" over {t['steps']} steps; float32 drift {t['float32_max_rel_loss_diff']:.1e}"))
     if "accuracy" in levels:
         a = levels["accuracy"]
         ci = f", 95% CI of diff [{a['ci95'][0] * 100:+.3f}, {a['ci95'][1] * 100:+.3f}] pts" if a["ci95"] else ""
         rows.append(("4 accuracy", verdict(a["pass"]),
-                     f"tf {a['tf']['mean'] * 100:.2f}±{a['tf']['std'] * 100:.2f}%, torch {a['torch']['mean'] * 100:.2f}"
+                     f"tf {a['tf']['mean'] * 100:.2f}±{a['tf']['std'] * 100:.2f}%, "
+                     f"torch {a['torch']['mean'] * 100:.2f}"
                      f"±{a['torch']['std'] * 100:.2f}% ({a['seeds']} seed(s), {a['epochs']} epoch(s)); diff "
                      f"{a['diff'] * 100:+.2f} pts, margin ±{a['margin'] * 100:.2f}{ci}; s/epoch tf "
                      f"{a['seconds_per_epoch']['tf']:.1f}, torch {a['seconds_per_epoch']['torch']:.1f}"))

@@ -191,7 +191,8 @@ def flat_maps(model_name: str) -> dict[str, tuple[int, int, int]]:
     spec = get_spec(model_name)
     out, previous = {}, None
     for layer in spec.layers:
-        if len(layer.output_shape) == 1 and previous is not None and len(previous) == 3 and previous[0] * previous[1] > 1:
+        flattens_a_map = previous is not None and len(previous) == 3 and previous[0] * previous[1] > 1
+        if len(layer.output_shape) == 1 and flattens_a_map:
             out[layer.name] = previous
         previous = layer.output_shape
     return out

@@ -17,7 +17,8 @@ import numpy as np
 def main() -> None:
     x_test = load_arrays("mnist")["x_test"][:256]
     print("| model | params | 1 structure | 2 forward max abs diff tf->torch / torch->tf | "
-          "3 float64: param diff after 1 step / max rel loss diff, 50 steps | 3 float32: max rel loss diff, 10 / 50 steps |")
+          "3 float64: param diff after 1 step / max rel loss diff, 50 steps | "
+          "3 float32: max rel loss diff, 10 / 50 steps |")
     print("|---|---|---|---|---|---|")
     for name in MODEL_NAMES:
         spec = get_spec(name)

@@ -74,7 +74,7 @@ def _load(recipe: Recipe, seed: int, data_dir, limit_train: int | None):
 def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=None, progress: bool = True,
           limit_train: int | None = None, resume: bool = False, deterministic: bool = False) -> dict:
     """Train `model_name` with `recipe`; returns the history dict (also written to the run directory)."""
-    spec = get_spec(model_name)
+    get_spec(model_name)  # an unknown name fails here, listing the valid ones
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)
