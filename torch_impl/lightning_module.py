@@ -194,10 +194,24 @@ class ClassifierModule(L.LightningModule):
         # Keras evaluates a schedule at every optimizer step; Lightning's default interval is the epoch
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    @staticmethod
+    def _check_model_name(checkpoint: dict, wanted: str) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("model_name")
-        if saved is not None and saved != self.hparams.model_name:
+        if saved is not None and saved != wanted:
             raise ValueError(
-                f"this checkpoint holds a {saved!r} model, but a {self.hparams.model_name!r} model was asked for; "
+                f"this checkpoint holds a {saved!r} model, but a {wanted!r} model was asked for; "
                 f"load it with model_name={saved!r} (parity train {saved} ...)"
             )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Trainer.fit(ckpt_path=...) calls this before it loads the weights
+        self._check_model_name(checkpoint, self.hparams.model_name)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, plus a clear error for a checkpoint of another model (it loads the weights before
+        `on_load_checkpoint`, which would fail with a wall of state-dict mismatches instead)."""
+        if "model_name" in kwargs:
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            cls._check_model_name(checkpoint, kwargs["model_name"])
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
