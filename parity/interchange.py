@@ -44,17 +44,13 @@ class WeightTransferError(ValueError):
 
 
 def flatten_inputs(model_name: str) -> dict[str, tuple[int, int, int]]:
-    """Dense layers fed by a Flatten of an (H, W, C) map, with that map's shape, from the catalog."""
-    spec = get_spec(model_name)
-    out, previous, flat_from = {}, None, None
-    for layer in spec.layers:
-        if len(layer.output_shape) == 1 and previous is not None and len(previous) == 3 and flat_from is None:
-            flat_from = previous
-        elif flat_from is not None and layer.params:
-            if flat_from[0] * flat_from[1] > 1:  # a 1x1 map flattens the same way in both layouts
-                out[layer.name] = flat_from
-            flat_from = None
-        previous = layer.output_shape
+    """Dense layers fed by a Flatten of an (H, W, C) map, with that map's shape (see `flat_maps`)."""
+    layers = get_spec(model_name).layers
+    maps, out = flat_maps(model_name), {}
+    for i, layer in enumerate(layers):
+        if layer.name in maps:  # the first layer with weights after the Flatten reads its output
+            dense = next(later for later in layers[i + 1:] if later.params)
+            out[dense.name] = maps[layer.name]
     return out
 
 
@@ -136,8 +132,11 @@ def _torch_to_tf_array(model_name: str, torch_name: str, array: np.ndarray) -> n
 
 def tf_to_torch(model_name: str, tf_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """TF-layout named arrays -> torch state-dict names and layouts (no shape checks: see `check_compatible`)."""
-    return {tf_name_to_torch(model_name, n): _tf_to_torch_array(model_name, tf_name_to_torch(model_name, n), a)
-            for n, a in tf_weights.items()}
+    out = {}
+    for name, array in tf_weights.items():
+        torch_name = tf_name_to_torch(model_name, name)
+        out[torch_name] = _tf_to_torch_array(model_name, torch_name, array)
+    return out
 
 
 def torch_to_tf(model_name: str, torch_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

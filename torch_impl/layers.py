@@ -79,12 +79,8 @@ class Conv2d(nn.Conv2d):
         return super().extra_repr() + f", tf_padding={self.tf_padding!r}"
 
 
-class MaxPool2d(nn.Module):
-    """Max pooling with TF ``padding='same'|'valid'`` (e.g. 7 -> 4 with a 2x2/2 window under 'same').
-
-    Why: TF 'same' pads asymmetrically and padded cells never win the max; padding with
-    ``-inf`` reproduces that for any input sign (zero padding would win on negative inputs).
-    """
+class _Pool2d(nn.Module):
+    """Shared arguments of the TF-padding pools."""
 
     def __init__(
         self,
@@ -98,17 +94,25 @@ class MaxPool2d(nn.Module):
         self.stride = self.kernel_size if stride is None else _pair(stride)
         self.padding = _check_padding(padding)
 
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}"
+
+
+class MaxPool2d(_Pool2d):
+    """Max pooling with TF ``padding='same'|'valid'`` (e.g. 7 -> 4 with a 2x2/2 window under 'same').
+
+    Why: TF 'same' pads asymmetrically and padded cells never win the max; padding with
+    ``-inf`` reproduces that for any input sign (zero padding would win on negative inputs).
+    """
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == "same":
             # -inf padding so that only real pixels can be the maximum, as in TF.
             x = F.pad(x, _same_pads_2d(x.shape[-2], x.shape[-1], self.kernel_size, self.stride), value=-math.inf)
         return F.max_pool2d(x, self.kernel_size, self.stride)
 
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}"
 
-
-class AvgPool2d(nn.Module):
+class AvgPool2d(_Pool2d):
     """Average pooling with TF ``padding='same'|'valid'``.
 
     Why: TF 'same' average pooling divides each window by the number of real pixels it
@@ -121,11 +125,7 @@ class AvgPool2d(nn.Module):
         stride: int | tuple[int, int] | None = None,
         padding: Padding = "valid",
     ) -> None:
-        super().__init__()
-        self.kernel_size = _pair(kernel_size)
-        # Keras defaults strides to the pool size, as PyTorch does.
-        self.stride = self.kernel_size if stride is None else _pair(stride)
-        self.padding = _check_padding(padding)
+        super().__init__(kernel_size, stride, padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == "valid":
@@ -136,9 +136,6 @@ class AvgPool2d(nn.Module):
         ones = torch.ones((1, 1, x.shape[-2], x.shape[-1]), dtype=x.dtype, device=x.device)
         counts = F.avg_pool2d(F.pad(ones, pads), self.kernel_size, self.stride, divisor_override=1)
         return sums / counts
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}"
 
 
 class LocalResponseNorm(nn.Module):
