@@ -18,6 +18,7 @@ import sys
 from parity.catalog import MODEL_NAMES, RECIPES, TRAINABLE_MODEL_NAMES, get_spec, recipe_for
 
 FRAMEWORKS = ("tf", "torch")
+_SUBCOMMAND_MODULES = ("compare",)  # parity/<name>.py defines add_<name>_parser
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -187,12 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    try:
-        from parity.compare import add_compare_parser
-    except ImportError:  # pragma: no cover - compare is part of the package
-        pass
-    else:
-        add_compare_parser(sub)
+    # Subcommands that live in their own module, each with an `add_<name>_parser(subparsers)`.
+    import importlib
+
+    for name in _SUBCOMMAND_MODULES:
+        module = importlib.import_module(f"parity.{name}")
+        getattr(module, f"add_{name}_parser")(sub)
     return parser
 
 
