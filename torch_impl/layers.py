@@ -180,14 +180,17 @@ class _KerasBatchNorm(nn.modules.batchnorm._BatchNorm):
         # Keras' momentum weighs the old moving value, PyTorch's weighs the new batch statistic.
         super().__init__(num_features, eps=epsilon, momentum=1.0 - keras_momentum, device=device, dtype=dtype)
 
+    def _moments(self, x: torch.Tensor, dims: list[int], shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch mean and biased (divide by N) variance, as tf.nn.moments; the mean is detached there too.
+        (`torch_impl.distributed` overrides this to reduce over all processes.)"""
+        mean = x.mean(dims)
+        return mean, (x - mean.detach().view(shape)).square().mean(dims)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         shape = [1, self.num_features] + [1] * (x.dim() - 2)
         if self.training:
-            dims = [0, *range(2, x.dim())]
-            mean = x.mean(dims)
-            # Biased (divide by N) batch variance, as tf.nn.moments; the mean is detached there too.
-            var = (x - mean.detach().view(shape)).square().mean(dims)
+            mean, var = self._moments(x, [0, *range(2, x.dim())], shape)
             with torch.no_grad():
                 # Keras updates the moving variance with the biased variance; PyTorch uses the unbiased one.
                 keep = 1.0 - self.momentum
