@@ -86,7 +86,7 @@ def _parse_value(text: str):
 
 
 def recipe_from_args(args):
-    overrides = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, members=args.members)
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "members": args.members}
     recipe = recipe_for(args.model, args.recipe, **overrides)
     extra = {}
     for item in args.set or ():
@@ -110,8 +110,8 @@ _CORRECTIONS = {
 def cmd_train(args) -> int:
     _apply_cache_dir(args)
     recipe = recipe_from_args(args)
-    kwargs = dict(seed=args.seed, out=args.out, data_dir=args.data_dir, progress=not args.no_progress,
-                  limit_train=args.limit_train, resume=args.resume, deterministic=args.deterministic)
+    kwargs = {"seed": args.seed, "out": args.out, "data_dir": args.data_dir, "progress": not args.no_progress,
+                  "limit_train": args.limit_train, "resume": args.resume, "deterministic": args.deterministic}
     print(f"training {args.model} with recipe {recipe.name} in {args.framework}: "
           f"{recipe.epochs} epochs, batch {recipe.batch_size}, {recipe.optimizer} lr {recipe.lr}, "
           f"{recipe.members} member(s), seed {args.seed}")
@@ -122,11 +122,21 @@ def cmd_train(args) -> int:
     else:
         from torch_impl.train import train
 
-        kwargs["augment"] = args.augment
+        kwargs.update(augment=args.augment, accelerator=args.accelerator, devices=args.devices,
+                      num_nodes=args.num_nodes, ensemble_mode=args.ensemble_mode,
+                      precision=args.precision)
+    if args.framework == "tf" and (args.devices != 1 or args.num_nodes != 1 or args.ensemble_mode != "loop"
+                                   or args.precision):
+        raise ValueError("--devices, --num-nodes, --ensemble-mode and --precision are the Lightning side's "
+                         "(--framework torch)")
     history = train(args.model, recipe, **kwargs)
+    if not history.get("is_global_zero", True):
+        return 0  # the other DDP / member-parallel processes; rank 0 reports
     from parity.runs import run_dir
 
     directory = run_dir(args.out, args.model, args.framework, args.seed)
+    for key, value in sorted(history.get("members", {}).items()):
+        print(f"{key}: {value:.4f}")
     print(f"final test accuracy: {history['test_acc']:.4f} (loss {history['test_loss']:.4f}); "
           f"run directory: {directory}")
     return 0
@@ -180,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=("tut001_online",),
                    help="torch only: draw tutorial 001's augmentation per batch on the device instead of "
                         "pre-generating 300k images")
+    p.add_argument("--accelerator", default="auto", help="torch: cpu, gpu, auto (Lightning's Trainer accelerator)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="torch: processes per node; >1 trains data-parallel (DDP), the recipe's batch split across "
+                        "them (it stays the global batch)")
+    p.add_argument("--num-nodes", type=int, default=1, help="torch: nodes (launch with srun or torchrun)")
+    p.add_argument("--ensemble-mode", choices=("loop", "vectorized", "members"), default="loop",
+                   help="torch ensembles: 'loop' (the tutorial: members one after another, one shared optimizer), "
+                        "'vectorized' (all members in one pass), 'members' (member-parallel: each process trains "
+                        "its own members, rank 0 assembles the ensemble)")
+    p.add_argument("--precision", help="torch: Lightning's Trainer precision, e.g. 32-true (default), 64-true, "
+                                       "bf16-mixed (GPU)")
     p.add_argument("--out", metavar="DIR", help="runs directory (default: $PARITY_RUNS_DIR or ./runs)")
     _add_data_args(p)
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only (smoke runs)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from parity import data as pdata
 from torch_impl.augment import random_rotate_shift
@@ -49,13 +49,53 @@ class InMemoryImages(Dataset):
         return self.images[source], self.labels[source], augment
 
 
+class GlobalBatchSampler(Sampler):
+    """The recipe's batches, each split across the processes: with W processes, rank r gets the r-th contiguous
+    slice of every global batch, so a DDP run takes exactly the optimizer steps one process takes.
+
+    (Lightning's automatic DistributedSampler would always reshuffle the training set, with its own permutation,
+    and pad it; the trainers here set `use_distributed_sampler=False` and use this instead.)
+    The order is a permutation drawn from `seed + epoch` (`set_epoch`, called by Lightning), the same in every
+    process. A last partial batch is split as evenly as possible (a rank whose share would be empty repeats the
+    batch's last image; this happens only when fewer images than processes remain).
+    """
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(
+                f"the batch {batch_size} is the global batch and must split evenly across {world_size} processes "
+                f"(devices x nodes); choose a batch size that is a multiple of {world_size}"
+            )
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            share = torch.tensor_split(batch, self.world_size)[self.rank]
+            yield (share if len(share) else batch[-1:]).tolist()
+
+
 class MNISTDataModule(L.LightningDataModule):
     """MNIST / Fashion-MNIST with a tutorial's split, batch size and pixel scaling.
 
     Args:
         dataset: "mnist" or "fashion_mnist".
         split: "full" (60k/10k), "val5k" (55k/5k/10k) or "halftest" (60k, test halved into val/test).
-        batch_size: the recipe's batch size (per device under DDP).
+        batch_size: the recipe's batch size; under DDP the global batch, split across the processes
+            (`GlobalBatchSampler`; the Trainer needs `use_distributed_sampler=False`).
         scale: inputs are uint8 / scale; 1.0 keeps tutorial 003's raw 0-255 pixels.
         shuffle: reshuffle every epoch (tutorial 004 does not).
         drop_last: drop the last partial batch (tutorial 004 does).
@@ -104,9 +144,11 @@ class MNISTDataModule(L.LightningDataModule):
         self.eval_names = list(self.eval_sets)
 
     def _loader(self, dataset, batch_size, shuffle=False, drop_last=False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          collate_fn=_identity, generator=generator, num_workers=self.hparams.num_workers)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=self.hparams.seed,
+                                     drop_last=drop_last, rank=rank, world_size=world)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, self.hparams.shuffle, self.hparams.drop_last)
@@ -120,7 +162,9 @@ class MNISTDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, augment = batch
-        x = images.unsqueeze(1).float() / self.hparams.scale  # (B, 1, 28, 28), on the device
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        dtype = module.dtype if module is not None and module.dtype.is_floating_point else torch.float32
+        x = images.unsqueeze(1).to(dtype) / self.hparams.scale  # (B, 1, 28, 28), on the device (64-true: float64)
         if self.hparams.augment == "tut001_online" and self.trainer is not None and self.trainer.training:
             if augment.any():
                 x[augment] = random_rotate_shift(x[augment], shift_low=self.hparams.shift_low,

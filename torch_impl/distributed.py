@@ -3,7 +3,7 @@ member-parallel ensembles (each process trains its own members on the full data;
 
 Batch semantics under DDP: a recipe's `batch_size` is the GLOBAL batch (the tutorial's), split evenly across the
 `devices * num_nodes` processes, so a DDP run takes the same optimizer steps on the same images as one process
-(`per_device_batch_size`). Lightning's `sync_batchnorm=True` would swap our Keras BatchNorm for
+(`torch_impl.datamodule.GlobalBatchSampler`). Lightning's `sync_batchnorm=True` would swap our Keras BatchNorm for
 `torch.nn.SyncBatchNorm`, which updates the moving variance with the unbiased variance (PyTorch's semantics, not
 Keras's); `KerasSyncBatchNorm` is the Lightning `LayerSync` plugin that keeps Keras's.
 """
@@ -18,18 +18,6 @@ from lightning.pytorch.plugins.layer_sync import LayerSync
 from torch import nn
 
 from torch_impl.layers import BatchNorm1d, BatchNorm2d, _KerasBatchNorm
-
-
-def per_device_batch_size(global_batch: int, world_size: int) -> int:
-    """The batch each process loads so that `world_size` processes together take the recipe's global batch."""
-    if world_size < 1:
-        raise ValueError(f"world size must be >= 1, got {world_size}")
-    if global_batch % world_size:
-        raise ValueError(
-            f"the recipe's batch {global_batch} is the global batch and must split evenly across {world_size} "
-            f"processes (devices x nodes); choose --batch-size as a multiple of {world_size}"
-        )
-    return global_batch // world_size
 
 
 # ------------------------------------------------------------------------------------------ synchronized BN
@@ -103,7 +91,7 @@ def launched_rank() -> tuple[int, int, int] | None:
     for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
                                ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
         if rank in os.environ and world in os.environ:
-            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
+            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, "0"))
     return None
 
 

@@ -3,48 +3,81 @@
 The same `parity.catalog.Recipe` the TF side reads is turned into a `MNISTDataModule`, a `ClassifierModule` and
 a `Trainer`; the run directory, history file and TensorBoard tags are the TF side's (see `parity.runs`).
 The YAML files under `configs/` describe the same runs for `python -m torch_impl.cli fit --config ...`.
+
+Scaling out (see `torch_impl.distributed`): `devices` x `num_nodes` > 1 trains data-parallel under DDP (the recipe's
+batch is the global batch; BatchNorm statistics are synchronized with Keras's semantics); `ensemble_mode`
+"vectorized" runs all members in one pass; "members" trains each member in its own process on the full data and
+assembles the ensemble from their checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 
-from parity.catalog import Recipe
-from parity.runs import run_dir
+from parity.catalog import Recipe, get_spec
+from parity.runs import History, run_dir
 from torch_impl.callbacks import HistoryWriter, RestoreBestWeights
 from torch_impl.datamodule import MNISTDataModule
+from torch_impl.distributed import KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank
 from torch_impl.lightning_module import ClassifierModule
+
+ENSEMBLE_MODES = ("loop", "vectorized", "members")
 
 
 def build(model_name: str, recipe: Recipe, *, seed: int = 0, data_dir=None, limit_train: int | None = None,
-          augment: str | None = None) -> tuple[ClassifierModule, MNISTDataModule]:
+          augment: str | None = None, ensemble_mode: str = "loop") -> tuple[ClassifierModule, MNISTDataModule]:
     datamodule = MNISTDataModule(
-        dataset=recipe.dataset, split=recipe.split, batch_size=recipe.batch_size, scale=recipe.scale,
-        shuffle=recipe.shuffle, drop_last=recipe.drop_last, augment=augment or recipe.augment,
+        dataset=recipe.dataset, split=recipe.split, batch_size=recipe.batch_size,
+        scale=recipe.scale, shuffle=recipe.shuffle, drop_last=recipe.drop_last, augment=augment or recipe.augment,
         shift_low=recipe.shift_low, shift_high=recipe.shift_high, data_dir=data_dir, limit_train=limit_train,
         seed=seed,
     )
+    extra = {"ensemble_mode": ensemble_mode} if ensemble_mode != "loop" else {}
     module = ClassifierModule(
         model_name=model_name, members=recipe.members, optimizer=recipe.optimizer, lr=recipe.lr,
         epsilon=recipe.epsilon, lr_decay_rate=recipe.lr_decay_rate, lr_decay_epochs=recipe.lr_decay_epochs,
-        train_acc_after_step=recipe.loop == "tape",
+        train_acc_after_step=recipe.loop == "tape", **extra,
     )
     return module, datamodule
 
 
 def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=None, progress: bool = True,
           limit_train: int | None = None, resume: bool = False, deterministic: bool = False,
-          augment: str | None = None, trainer_kwargs: dict | None = None) -> dict:
+          augment: str | None = None, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
+          ensemble_mode: str = "loop", precision: str | None = None, trainer_kwargs: dict | None = None) -> dict:
     """Train `model_name` with `recipe`; returns the history dict (also written to the run directory)."""
-    L.seed_everything(seed, workers=True, verbose=False)
+    if ensemble_mode not in ENSEMBLE_MODES:
+        raise ValueError(f"unknown ensemble mode {ensemble_mode!r}; choose one of: {', '.join(ENSEMBLE_MODES)}")
+    if ensemble_mode != "loop" and recipe.members < 2:
+        raise ValueError(f"--ensemble-mode {ensemble_mode} needs an ensemble (members > 1); "
+                         f"{model_name} has {recipe.members} member(s): use --members N")
+    if ensemble_mode == "members":
+        return train_member_parallel(model_name, recipe, seed=seed, out=out, data_dir=data_dir, progress=progress,
+                                     limit_train=limit_train, deterministic=deterministic, augment=augment,
+                                     accelerator=accelerator, devices=devices, num_nodes=num_nodes)
     directory = run_dir(out, model_name, "torch", seed)
+    return _fit(model_name, recipe, directory, seed=seed, data_dir=data_dir, progress=progress,
+                limit_train=limit_train, resume=resume, deterministic=deterministic, augment=augment,
+                accelerator=accelerator, devices=devices, num_nodes=num_nodes, ensemble_mode=ensemble_mode,
+                trainer_kwargs=dict(trainer_kwargs or {}, **({"precision": precision} if precision else {})))
+
+
+def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_dir, progress: bool,
+         limit_train: int | None, resume: bool, deterministic: bool, augment: str | None, accelerator: str,
+         devices, num_nodes: int, ensemble_mode: str, trainer_kwargs: dict | None) -> dict:
+    L.seed_everything(seed, workers=True, verbose=False)
+    world_size = (devices if isinstance(devices, int) else len(devices)) * num_nodes
     module, datamodule = build(model_name, recipe, seed=seed, data_dir=data_dir, limit_train=limit_train,
-                               augment=augment)
+                               augment=augment, ensemble_mode=ensemble_mode)
     history = HistoryWriter(str(directory), model_name=model_name, seed=seed, recipe=dataclasses.asdict(recipe))
     callbacks = [
         history,
@@ -57,10 +90,17 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
         # Keras's EarlyStopping(patience=10, restore_best_weights=True) on val_loss
         callbacks += [EarlyStopping(monitor="val_loss", patience=recipe.early_stopping_patience, mode="min"),
                       RestoreBestWeights(monitor="val_loss", mode="min")]
+    distributed = {}
+    if world_size > 1:
+        # The looped ensemble backpropagates one member at a time: the others' parameters are unused in that pass.
+        distributed["strategy"] = DDPStrategy(find_unused_parameters=module.automatic_optimization is False)
+        if has_batchnorm(module):
+            distributed["plugins"] = [KerasSyncBatchNorm()]
     trainer = L.Trainer(
         max_epochs=recipe.epochs,
-        accelerator="auto",
-        devices=1,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
         callbacks=callbacks,
         logger=[TensorBoardLogger(directory, name="tensorboard", version="lightning"),
                 CSVLogger(directory, name="csv", version="")],
@@ -68,6 +108,8 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=deterministic,
+        use_distributed_sampler=False,  # the datamodule splits each global batch across processes itself
+        **distributed,
         **(trainer_kwargs or {}),
     )
     ckpt_path = "last" if resume and (directory / "checkpoints" / "last.ckpt").exists() else None
@@ -76,9 +118,115 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
     train_seconds = time.perf_counter() - started
     module.reset_epoch_metrics()
     trainer.test(module, datamodule=datamodule, verbose=False)  # the final (for 003: the restored best) weights
-    test = module.epoch_metrics(reset=True)
-    history.history.finish(test_loss=test.get("test_loss", float("nan")), test_acc=test.get("test_acc", float("nan")),
-                           train_seconds=train_seconds)
+    test = module.epoch_metrics(reset=True)  # reduced across processes
+    final = {"test_loss": test.get("test_loss", float("nan")), "test_acc": test.get("test_acc", float("nan")),
+                 "train_seconds": train_seconds}
+    if trainer.is_global_zero:
+        history.history.finish(**final)
+    else:
+        history.history.final.update(final)
     result = history.history.as_dict()
     result["models"] = [module]
+    result["is_global_zero"] = trainer.is_global_zero
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- member-parallel
+def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=None,
+                          progress: bool = True, limit_train: int | None = None, deterministic: bool = False,
+                          augment: str | None = None, accelerator: str = "auto", devices: int = 1,
+                          num_nodes: int = 1) -> dict:
+    """Each process trains its share of the members (member k on rank k % world size), each on the full data with
+    its own optimizer and seed (`seed + k`); rank 0 then assembles the ensemble from the members' last
+    checkpoints into `checkpoints/ensemble.ckpt` and evaluates it.
+
+    Under torchrun or srun every launched process takes its share; otherwise this spawns `devices` local
+    processes. The members do not share an optimizer (the tutorial's shared step counter couples them), so this
+    is the corrected "independent members" variant; its learning-rate schedule counts each member's own steps.
+    """
+    directory = run_dir(out, model_name, "torch", seed)
+    member_recipe = recipe.replace(members=1)
+    kwargs = {"seed": seed, "data_dir": data_dir, "progress": progress, "limit_train": limit_train,
+                  "deterministic": deterministic, "augment": augment, "accelerator": accelerator}
+    layout = launched_rank()
+    started = time.perf_counter()
+    if layout is not None:
+        rank, world, local_rank = layout
+        _train_members(rank, model_name, member_recipe, directory, recipe.members, world, local_rank, kwargs)
+        if rank != 0:
+            return {"is_global_zero": False}
+        _wait_for_members(directory, recipe.members)
+    else:
+        if num_nodes > 1:
+            raise ValueError("member-parallel training across nodes is launched by srun or torchrun "
+                             "(scripts/slurm_ensemble.sbatch); one process per device")
+        world = devices if isinstance(devices, int) else len(devices)
+        if world == 1:
+            _train_members(0, model_name, member_recipe, directory, recipe.members, 1, 0, kwargs)
+        else:
+            torch.multiprocessing.start_processes(
+                _spawned_worker, args=(model_name, member_recipe, directory, recipe.members, world, kwargs),
+                nprocs=world, start_method="spawn")
+    return assemble_members(model_name, recipe, directory, seed=seed, data_dir=data_dir, accelerator=accelerator,
+                            train_seconds=time.perf_counter() - started)
+
+
+def _spawned_worker(rank, model_name, member_recipe, directory, members, world, kwargs) -> None:
+    _train_members(rank, model_name, member_recipe, directory, members, world, rank, kwargs)
+
+
+def _member_dir(directory: Path, k: int) -> Path:
+    path = Path(directory) / "members" / f"member{k}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory: Path, members: int, world: int,
+                   local_rank: int, kwargs: dict) -> None:
+    if world > 1 and kwargs["accelerator"] in ("cpu", "auto") and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # processes share the CPU cores
+    member_name = get_spec(model_name).member or model_name
+    for k in members_of_rank(members, rank, world):
+        target = _member_dir(directory, k)
+        (target / "done").unlink(missing_ok=True)
+        kw = dict(kwargs, seed=kwargs["seed"] + k)
+        devices = [local_rank] if torch.cuda.is_available() and kwargs["accelerator"] != "cpu" else 1
+        _fit(member_name, member_recipe, target, resume=False, devices=devices, num_nodes=1, ensemble_mode="loop",
+             trainer_kwargs=None, **kw)
+        (target / "done").write_text("ok\n")
+
+
+def _wait_for_members(directory: Path, members: int, poll_seconds: float = 5.0) -> None:
+    pending = [k for k in range(members) if not (_member_dir(directory, k) / "done").exists()]
+    if pending:
+        print(f"rank 0: waiting for members {pending} (written by the other ranks)")
+    while pending:
+        time.sleep(poll_seconds)
+        pending = [k for k in pending if not (_member_dir(directory, k) / "done").exists()]
+
+
+def assemble_members(model_name: str, recipe: Recipe, directory: Path, *, seed: int = 0, data_dir=None,
+                     accelerator: str = "auto", train_seconds: float = float("nan")) -> dict:
+    """The ensemble `ClassifierModule` from the members' `last.ckpt` files, evaluated on the test set and saved
+    as `checkpoints/ensemble.ckpt` (it loads with `ClassifierModule.load_from_checkpoint`)."""
+    module, datamodule = build(model_name, recipe, seed=seed, data_dir=data_dir)
+    for k, member in enumerate(module.members):
+        path = _member_dir(directory, k) / "checkpoints" / "last.ckpt"
+        if not path.exists():
+            raise FileNotFoundError(f"member {k} has no checkpoint at {path}; train it first (its rank failed?)")
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        prefix = "model.members.0."
+        member.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False)
+    module.reset_epoch_metrics()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    test = module.epoch_metrics(reset=True)
+    (directory / "checkpoints").mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(directory / "checkpoints" / "ensemble.ckpt")
+    history = History(directory, model_name, "torch", dataclasses.asdict(recipe), seed)
+    history.finish(train_seconds=train_seconds, **{k: v for k, v in test.items() if k.startswith("test_")})
+    result = history.as_dict()
+    result.update(members={k: v for k, v in test.items() if k.startswith("member")}, models=[module],
+                  is_global_zero=True)
     return result

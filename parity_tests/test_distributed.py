@@ -1,0 +1,144 @@
+"""Scaled-out training computes what one process computes: DDP across 2 CPU processes (gloo), Keras-semantics
+synchronized BatchNorm, and member-parallel ensembles assembled from their members' checkpoints.
+
+DDP and the spawned processes run `parity train` in subprocesses, as a user would (Lightning relaunches the
+command for every rank, which cannot be done from inside pytest)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_impl.datamodule import GlobalBatchSampler
+from torch_impl.distributed import (
+    SyncBatchNorm2d,
+    convert_sync_batchnorm,
+    members_of_rank,
+    revert_sync_batchnorm,
+)
+from torch_impl.layers import BatchNorm1d, BatchNorm2d
+from torch_impl.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Dropout masks are drawn per process, so no process layout can reproduce another's; everything else must match.
+DRIVER = """
+import sys
+import torch
+torch.nn.Dropout.forward = lambda self, x: x
+from parity.cli import main
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _parity_train(tmp_path: Path, out: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    command = [sys.executable, str(driver), "train", *args, "--out", str(tmp_path / out), "--no-progress",
+               "--accelerator", "cpu"]
+    result = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _last_state(tmp_path: Path, out: str, model: str) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(tmp_path / out / model / "torch" / "seed0" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+    return ckpt["state_dict"]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_ranks_split_each_global_batch_of_one_process(shuffle, drop_last):
+    single = GlobalBatchSampler(250, 100, shuffle=shuffle, seed=3, drop_last=drop_last)
+    ranks = [GlobalBatchSampler(250, 100, shuffle=shuffle, seed=3, drop_last=drop_last, rank=r, world_size=2)
+             for r in range(2)]
+    for sampler in (single, *ranks):
+        sampler.set_epoch(1)
+    batches = list(single)
+    assert len(batches) == len(single) == (2 if drop_last else 3)
+    for step, (a, b) in enumerate(zip(*ranks, strict=True)):
+        assert a + b == batches[step]  # the same global batch, in the same order
+    seen = sorted(itertools.chain(*batches))
+    assert len(seen) == len(set(seen)) == (200 if drop_last else 250)  # every image once per epoch
+    assert (batches[0] != list(range(100))) == shuffle
+    single.set_epoch(2)
+    assert (list(single) != batches) == shuffle  # a new order each epoch, the same in every process
+    with pytest.raises(ValueError, match="multiple of 3"):
+        GlobalBatchSampler(250, 100, world_size=3)
+
+
+def test_member_assignment_covers_every_member_once():
+    shares = [members_of_rank(5, rank, 2) for rank in range(2)]
+    assert shares == [[0, 2, 4], [1, 3]]
+    assert sorted(itertools.chain(*shares)) == list(range(5))
+
+
+def test_sync_batchnorm_conversion_keeps_tensors_and_single_process_numerics():
+    model = build_model("bn_cnn", seed=0)
+    reference = build_model("bn_cnn", seed=0)
+    synced = convert_sync_batchnorm(model)
+    kinds = {type(m) for m in synced.modules()}
+    assert SyncBatchNorm2d in kinds and BatchNorm2d not in kinds and BatchNorm1d not in kinds
+    x = torch.rand(8, 1, 28, 28)
+    torch.manual_seed(1)
+    out = synced(x)
+    torch.manual_seed(1)
+    expected = reference(x)  # no process group: the synchronized layer is the plain Keras BatchNorm
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(synced.conv1.bn.running_var, reference.conv1.bn.running_var, rtol=0, atol=0)
+    reverted = revert_sync_batchnorm(synced)
+    assert SyncBatchNorm2d not in {type(m) for m in reverted.modules()}
+    assert reverted.conv1.bn.running_mean is synced.conv1.bn.running_mean
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """2 gloo processes x 50 images = the recipe's global batch of 100: after 4 batches of a 2-member `bn_cnn`
+    ensemble (the tutorial's shared Adam stepped once per member, staircase decay halving the rate every 2 batches,
+    BatchNorm in training mode, reshuffled order), the parameters and BN moving statistics equal one process's.
+
+    In float64 (`--precision 64-true`): in float32 the conv biases in front of a BatchNorm have an analytically
+    zero gradient (BN subtracts the batch mean), so their gradient is pure rounding noise, which Adam normalizes
+    into steps of up to lr, different for any other summation order; float64 shrinks that noise below 1e-10."""
+    common = ("bn_cnn", "--members", "2", "--limit-train", "400", "--epochs", "1", "--set", "augment=none",
+              "--set", "lr_decay_epochs=0.5", "--precision", "64-true")
+    _parity_train(tmp_path, "single", *common)
+    _parity_train(tmp_path, "ddp", *common, "--devices", "2")
+    single, ddp = _last_state(tmp_path, "single", "bn_cnn"), _last_state(tmp_path, "ddp", "bn_cnn")
+    assert single.keys() == ddp.keys()
+    assert single["model.members.0.conv1.bn.running_var"].dtype == torch.float64
+    for name, tensor in single.items():
+        torch.testing.assert_close(ddp[name], tensor, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+    initial = build_model("bn_cnn", seed=0)
+    moved = (single["model.members.0.conv1.conv.weight"].float() - initial.conv1.conv.weight).abs().max()
+    assert moved > 1e-4  # the runs trained (4 steps at lr 1e-3), so equality is not the initial weights'
+
+
+@pytest.mark.slow
+def test_member_parallel_assembles_the_ensemble(tmp_path):
+    result = _parity_train(tmp_path, "runs", "cnn_ensemble3", "--limit-train", "200", "--epochs", "1",
+                           "--ensemble-mode", "members", "--devices", "2")
+    directory = tmp_path / "runs" / "cnn_ensemble3" / "torch" / "seed0"
+    members = [directory / "members" / f"member{k}" / "checkpoints" / "last.ckpt" for k in range(3)]
+    assert all(p.exists() for p in members)
+    from torch_impl.lightning_module import ClassifierModule
+
+    ensemble = ClassifierModule.load_from_checkpoint(directory / "checkpoints" / "ensemble.ckpt",
+                                                     map_location="cpu").eval()
+    singles = [ClassifierModule.load_from_checkpoint(p, map_location="cpu").eval() for p in members]
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        summed = sum(m(x) for m in singles)  # the tutorial's prediction: the sum of the members' logits
+        torch.testing.assert_close(ensemble(x), summed, rtol=1e-6, atol=1e-5)
+        first = singles[0](x)
+    assert not torch.allclose(first, singles[1](x))  # members have their own seeds
+    assert "member0_test_acc" in result.stdout and "final test accuracy" in result.stdout
