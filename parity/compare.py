@@ -3,13 +3,19 @@ table, write a report directory (Markdown + PNG plots) and, with --json, the num
 
     {"model": str, "versions": {...}, "levels": {
         "structure":  {"pass", "params": {"tf", "torch"}, "problems": [...]},
-        "forward":    {"pass", "max_abs_diff": {"tf_to_torch", "torch_to_tf"}, "per_layer": {...}},
+        "forward":    {"pass", "max_abs_diff": {"tf_to_torch", "torch_to_tf", "onnxruntime"}, "per_layer": {...},
+                       "onnxruntime": {"status", "pass", "vs_torch", "vs_tf", "opset"}},
         "train_step": {"pass", "max_param_diff", "float64_max_rel_loss_diff", "float32_max_rel_loss_diff",
                        "steps"},
         "accuracy":   {"pass", "tf": {"mean", "std", "runs"}, "torch": {...}, "diff", "ci95", "margin",
                        "epochs", "seconds_per_epoch": {"tf", "torch"}}}}
 
 Only the levels that were run appear. The exit status is non-zero when a level fails.
+
+The forward level's third column runs the torch model (the tf_to_torch one) exported to ONNX in ONNX Runtime:
+`max_abs_diff.onnxruntime` is the larger of its differences from torch (logits) and from TF (the model's output as
+the tutorial defines it: probabilities for the softmax models); it counts towards the level's pass when onnx and
+onnxruntime are installed, and is null with `onnxruntime.status` "not installed" otherwise.
 """
 
 from __future__ import annotations
@@ -27,14 +33,19 @@ LEVELS = ("structure", "forward", "train_step", "accuracy")
 
 
 def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import lightning
     import tensorflow as tf
     import torch
 
-    import lightning
-
+    try:
+        onnxruntime = version("onnxruntime")
+    except PackageNotFoundError:
+        onnxruntime = "not installed"
     return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-            "tensorflow": tf.__version__, "numpy": np.__version__, "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads()}
+            "tensorflow": tf.__version__, "onnxruntime": onnxruntime, "numpy": np.__version__,
+            "machine": platform.machine(), "cpu_threads": torch.get_num_threads()}
 
 
 def level_structure(name: str) -> dict:
@@ -61,9 +72,58 @@ def level_forward(name: str, x: np.ndarray, atol: float = 1e-5) -> dict:
         divergence = first_divergence(layers, atol)
         out["first_divergence"][direction] = divergence and list(divergence)
         ok &= divergence is None
+    onnx = level_onnxruntime(name, x, atol)
+    out["onnxruntime"] = onnx
+    out["max_abs_diff"]["onnxruntime"] = max(onnx["vs_torch"], onnx["vs_tf"]) if onnx["status"] == "ok" else None
+    if onnx["status"] != "not installed":
+        ok &= onnx["pass"]
     out["pass"] = bool(ok)
     out["tolerance"] = f"{atol} x max(1, |activation|max) per layer"
     return out
+
+
+def level_onnxruntime(name: str, x: np.ndarray, atol: float = 1e-5) -> dict:
+    """The torch model with TF's weights (the tf_to_torch pair of `forward_diffs`: same seeds) exported to ONNX and
+    run in ONNX Runtime: its logits vs torch's, and its output (softmax applied where the tutorial's model has one;
+    NHWC for a feature map) vs TF's."""
+    import tempfile
+
+    import torch
+
+    from parity.catalog import get_spec
+    from parity.interchange import tf_to_torch
+    from tf_ref.models import build_model as build_tf
+    from tf_ref.weights import get_weights as tf_get
+    from torch_impl.export import DEFAULT_OPSET, Logits, export_onnx, onnxruntime_available, run_onnx
+    from torch_impl.models import build_model as build_torch
+    from torch_impl.weights import set_weights as torch_set
+
+    if not onnxruntime_available():
+        return {"status": "not installed", "pass": None, "vs_torch": None, "vs_tf": None}
+    tf_model, torch_model = build_tf(name, seed=1), build_torch(name, seed=2).eval()
+    torch_set(torch_model, tf_to_torch(name, tf_get(tf_model)))
+    x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(torch_model, Path(tmp) / f"{name}.onnx", model_name=name)
+            ort_out = run_onnx(path, x_nchw)
+    except Exception as error:  # noqa: BLE001  (an export or runtime failure is this column's result, not a crash)
+        return {"status": f"error: {type(error).__name__}: {error}", "pass": False, "vs_torch": None, "vs_tf": None}
+    with torch.no_grad():
+        torch_out = Logits(torch_model)(torch.from_numpy(x_nchw)).numpy()
+    tf_out = np.asarray(tf_model(x, training=False))
+    output = get_spec(name).output
+    as_tf = ort_out
+    if output == "softmax":
+        shifted = np.exp(ort_out - ort_out.max(-1, keepdims=True))
+        as_tf = shifted / shifted.sum(-1, keepdims=True)
+    elif ort_out.ndim == 4:
+        as_tf = ort_out.transpose(0, 2, 3, 1)
+    vs_torch = float(np.abs(ort_out - torch_out).max())
+    vs_tf = float(np.abs(as_tf - tf_out).max())
+    passed = (vs_torch <= atol * max(1.0, float(np.abs(torch_out).max()))
+              and vs_tf <= atol * max(1.0, float(np.abs(tf_out).max())))
+    return {"status": "ok", "pass": bool(passed), "vs_torch": vs_torch, "vs_tf": vs_tf, "opset": DEFAULT_OPSET}
 
 
 def level_train_step(name: str, steps: int = 50) -> dict:
@@ -263,9 +323,9 @@ def write_report(name: str, result: dict, out: Path, artifacts: dict | None) -> 
             plt.close(fig)
             images.append(("Misclassified test images", "misclassified.png"))
         both_wrong = int(((preds["tf"] != y) & (preds["torch"] != y)).sum())
-        lines += ["", f"Test errors: TF {int((preds['tf'] != y).sum())}, Lightning {int((preds['torch'] != y).sum())}, "
-                      f"both wrong on the same image {both_wrong}. TensorBoard logs of both frameworks, same tags: "
-                      f"`tensorboard --logdir {out / 'runs'}`."]
+        lines += ["", (f"Test errors: TF {int((preds['tf'] != y).sum())}, "
+                       f"Lightning {int((preds['torch'] != y).sum())}, both wrong on the same image {both_wrong}. "
+                       f"TensorBoard logs of both frameworks, same tags: `tensorboard --logdir {out / 'runs'}`.")]
     for title, file in images:
         lines += ["", f"## {title}", "", f"![{title}]({file})"]
     path = out / "report.md"
@@ -275,31 +335,37 @@ def write_report(name: str, result: dict, out: Path, artifacts: dict | None) -> 
 
 def table_rows(result: dict) -> list[tuple[str, str, str]]:
     levels, rows = result["levels"], []
-    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    verdict = lambda ok: "PASS" if ok else "FAIL"
     if "structure" in levels:
         s = levels["structure"]
         rows.append(("1 structure", verdict(s["pass"]),
-                     f"params tf {s['params']['tf']:,} / torch {s['params']['torch']:,}; {s['layers']} layers' shapes "
-                     f"equal the catalog"))
+                     (f"params tf {s['params']['tf']:,} / torch {s['params']['torch']:,}; {s['layers']} layers' "
+                      f"shapes equal the catalog")))
     if "forward" in levels:
         f = levels["forward"]["max_abs_diff"]
+        onnx = levels["forward"].get("onnxruntime", {"status": "not run"})
+        if onnx["status"] == "ok":
+            column = (f"onnxruntime {f['onnxruntime']:.2e} (vs torch {onnx['vs_torch']:.2e}, "
+                      f"vs tf {onnx['vs_tf']:.2e}){'' if onnx['pass'] else ' FAIL'}")
+        else:
+            column = f"onnxruntime {onnx['status']}"
         rows.append(("2 forward", verdict(levels["forward"]["pass"]),
-                     f"max abs diff tf->torch {f['tf_to_torch']:.2e}, torch->tf {f['torch_to_tf']:.2e}"))
+                     f"max abs diff tf->torch {f['tf_to_torch']:.2e}, torch->tf {f['torch_to_tf']:.2e}, {column}"))
     if "train_step" in levels:
         t = levels["train_step"]
         rows.append(("3 train step", verdict(t["pass"]),
-                     f"float64: params {t['max_param_diff']:.1e} after 1 step, "
-                     f"loss rel {t['float64_max_rel_loss_diff']:.1e}"
-                     f" over {t['steps']} steps; float32 drift {t['float32_max_rel_loss_diff']:.1e}"))
+                     (f"float64: params {t['max_param_diff']:.1e} after 1 step, "
+                      f"loss rel {t['float64_max_rel_loss_diff']:.1e}"
+                      f" over {t['steps']} steps; float32 drift {t['float32_max_rel_loss_diff']:.1e}")))
     if "accuracy" in levels:
         a = levels["accuracy"]
         ci = f", 95% CI of diff [{a['ci95'][0] * 100:+.3f}, {a['ci95'][1] * 100:+.3f}] pts" if a["ci95"] else ""
         rows.append(("4 accuracy", verdict(a["pass"]),
-                     f"tf {a['tf']['mean'] * 100:.2f}±{a['tf']['std'] * 100:.2f}%, "
-                     f"torch {a['torch']['mean'] * 100:.2f}"
-                     f"±{a['torch']['std'] * 100:.2f}% ({a['seeds']} seed(s), {a['epochs']} epoch(s)); diff "
-                     f"{a['diff'] * 100:+.2f} pts, margin ±{a['margin'] * 100:.2f}{ci}; s/epoch tf "
-                     f"{a['seconds_per_epoch']['tf']:.1f}, torch {a['seconds_per_epoch']['torch']:.1f}"))
+                     (f"tf {a['tf']['mean'] * 100:.2f}±{a['tf']['std'] * 100:.2f}%, "
+                      f"torch {a['torch']['mean'] * 100:.2f}"
+                      f"±{a['torch']['std'] * 100:.2f}% ({a['seeds']} seed(s), {a['epochs']} epoch(s)); diff "
+                      f"{a['diff'] * 100:+.2f} pts, margin ±{a['margin'] * 100:.2f}{ci}; s/epoch tf "
+                      f"{a['seconds_per_epoch']['tf']:.1f}, torch {a['seconds_per_epoch']['torch']:.1f}")))
     return rows
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from parity.cli import main
@@ -18,8 +19,11 @@ def test_compare_writes_report_and_json(tf, tmp_path):
     levels = result["levels"]
     assert result["model"] == "lenet_c"
     assert levels["structure"]["pass"] is True
-    assert set(levels["forward"]["max_abs_diff"]) == {"tf_to_torch", "torch_to_tf"}
+    assert set(levels["forward"]["max_abs_diff"]) == {"tf_to_torch", "torch_to_tf", "onnxruntime"}
     assert levels["forward"]["pass"] is True and max(levels["forward"]["max_abs_diff"].values()) <= 1e-3
+    onnx = levels["forward"]["onnxruntime"]  # the dev extra installs onnxruntime: the column runs here
+    assert onnx["status"] == "ok" and onnx["pass"] is True and max(onnx["vs_torch"], onnx["vs_tf"]) <= 1e-3
+    assert "onnxruntime" in (out / "report.md").read_text()
     assert levels["train_step"]["pass"] is True and levels["train_step"]["max_param_diff"] <= 1e-10
     assert {"pass", "tf", "torch"} <= set(levels["accuracy"])
     for name in ("report.md", "forward_per_layer.png", "train_step_curves.png", "curves.png", "confusion.png"):
@@ -42,3 +46,24 @@ def test_compare_rejects_unknown_model():
     with pytest.raises(SystemExit) as info:
         main(["compare", "alexnet"])
     assert info.value.code == 2
+
+
+def test_onnxruntime_column_counts_and_reports_absence(tf, monkeypatch, rng):
+    import parity.compare
+    import torch_impl.export
+    from parity.compare import level_forward, level_onnxruntime, table_rows
+
+    x = rng.random((4, 28, 28, 1), dtype=np.float32) * 255
+    failing = {"status": "ok", "pass": False, "vs_torch": 0.5, "vs_tf": 0.25, "opset": 18}
+    monkeypatch.setattr(parity.compare, "level_onnxruntime", lambda *args, **kwargs: failing)
+    forward = level_forward("lenet_a", x)
+    assert forward["pass"] is False and forward["max_abs_diff"]["onnxruntime"] == 0.5
+    assert "onnxruntime 5.00e-01 (vs torch 5.00e-01, vs tf 2.50e-01) FAIL" in table_rows({"levels": {"forward": forward}})[0][2]
+
+    monkeypatch.setattr(torch_impl.export, "onnxruntime_available", lambda: False)
+    absent = level_onnxruntime("lenet_a", x)
+    assert absent["status"] == "not installed" and absent["pass"] is None
+    monkeypatch.setattr(parity.compare, "level_onnxruntime", lambda *args, **kwargs: absent)
+    forward = level_forward("lenet_a", x)
+    assert forward["pass"] is True and forward["max_abs_diff"]["onnxruntime"] is None
+    assert table_rows({"levels": {"forward": forward}})[0][2].endswith("onnxruntime not installed")
