@@ -4,6 +4,13 @@ Both optimizers keep ONE step counter per optimizer (Keras' ``iterations``), adv
 per ``step()`` call and shared by every parameter, instead of PyTorch's per-parameter
 ``state["step"]``.  Scalar factors (learning rate, bias corrections) are evaluated in the
 parameter dtype, as Keras casts them to the variable dtype.
+
+Member axis (``members=M``): for an ensemble whose members are stacked along dim 0 of every parameter
+(`torch_impl.models.vectorized`), one ``step()`` performs what tutorial 001's loop does with one optimizer
+shared by M models: M consecutive ``apply_gradients``, member k's being application ``iterations + k``
+(bias correction at ``t = iterations + k + 1``, learning-rate schedule at ``iterations + k``); the counter
+then advances by M.  With ``members=1`` on the same stacked parameters every member sees the same ``t``,
+which is M independent optimizers (the corrected semantics).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 from torch.optim import Optimizer
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+LearningRate = float | torch.Tensor | Callable[[int], float]
 
 
 def _scalar(value: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -26,10 +34,22 @@ def _scalar(value: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _KerasOptimizer(Optimizer):
-    """Base class: a single shared ``iterations`` counter that ``state_dict`` saves and restores."""
+    """Base class: a single shared ``iterations`` counter that ``state_dict`` saves and restores.
 
-    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+    ``lr`` may be a schedule (a callable of the step, as Keras accepts a ``LearningRateSchedule``, e.g.
+    ``ExponentialDecay``): it is then evaluated at each update's own step, and ``param_groups[...]["lr"]``
+    shows its value at the current counter (for monitors). Don't also attach a torch LR scheduler then.
+    """
+
+    def __init__(self, params: Params, defaults: dict[str, Any], members: int = 1) -> None:
+        if members < 1:
+            raise ValueError(f"members must be >= 1, got {members}")
+        lr = defaults["lr"]
+        self.lr_schedule: Callable[[int], float] | None = None
+        if callable(lr) and not isinstance(lr, torch.Tensor):
+            self.lr_schedule, defaults = lr, {**defaults, "lr": lr(0)}
         super().__init__(params, defaults)
+        self.members = members
         # Keras counts optimizer applications, not per-parameter updates.
         self.iterations = 0
 
@@ -43,12 +63,42 @@ class _KerasOptimizer(Optimizer):
         self.iterations = int(state_dict.pop("iterations", 0))
         super().load_state_dict(state_dict)
 
-    def _update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    def _lr(self, group: dict[str, Any], step: int) -> float | torch.Tensor:
+        """The learning rate of the update that is application number ``step`` (0-based)."""
+        return group["lr"] if self.lr_schedule is None else self.lr_schedule(step)
+
+    def _factor(self, group: dict[str, Any], step: int, dtype: torch.dtype) -> float:
+        """The step-dependent scalar of application ``step`` (Adam: the bias-corrected step size)."""
         raise NotImplementedError
+
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+                factor: float | torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _member_factors(self, group: dict[str, Any], param: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Member k's factor for every row of a member-major stacked parameter, shaped to broadcast over it.
+
+        Each member's factor is computed by the same scalar code as a single update, so a member gets
+        bit for bit the step size it would get from the looped shared optimizer.
+        """
+        rows = param.shape[0]
+        if rows % self.members:
+            raise ValueError(f"a stacked parameter of shape {tuple(param.shape)} does not split into "
+                             f"{self.members} members along dim 0")
+        key = (id(group), param.dtype, param.device)
+        if key not in cache:  # one (M,) tensor per step, dtype and device: a single host-to-device copy
+            factors = [self._factor(group, self.iterations + k, param.dtype) for k in range(self.members)]
+            cache[key] = torch.tensor(factors, dtype=param.dtype).to(param.device)
+        shaped = (*key, rows, param.dim())
+        if shaped not in cache:  # member k's factor on each of its rows, broadcasting over the other dims
+            column = cache[key].view(self.members, 1).expand(self.members, rows // self.members).reshape(rows)
+            cache[shaped] = column.view(rows, *([1] * (param.dim() - 1)))
+        return cache[shaped]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Update every parameter that has a gradient, then advance the shared counter by one.
+        """Update every parameter that has a gradient, then advance the shared counter by one
+        (by ``members`` with a member axis: that many applications of the shared optimizer).
 
         Parameters whose ``.grad`` is None are left untouched (moments included), like the
         variables Keras filters out of ``apply_gradients``; the counter advances regardless
@@ -58,14 +108,24 @@ class _KerasOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        cache: dict = {}
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                self._update(param, param.grad, group)
-        self.iterations += 1
+                if self.members == 1:
+                    factor = cache.get((id(group), param.dtype))
+                    if factor is None:
+                        factor = cache[(id(group), param.dtype)] = self._factor(group, self.iterations, param.dtype)
+                else:
+                    factor = self._member_factors(group, param, cache)
+                self._update(param, param.grad, group, factor)
+        self.iterations += self.members
+        if self.lr_schedule is not None:
+            for group in self.param_groups:
+                group["lr"] = self.lr_schedule(self.iterations)
         return loss
 
 
@@ -82,20 +142,32 @@ class KerasAdam(_KerasOptimizer):
     advances a single counter on every ``apply_gradients``.  TF1's AdamOptimizer uses the
     same formula and a single pair of beta-power accumulators per optimizer (updated by
     multiplication rather than ``pow``, a last-bit rounding difference).
+
+    ``members=M``: every parameter stacks M ensemble members along dim 0 (see the module docstring).
     """
 
     def __init__(
         self,
         params: Params,
-        lr: float | torch.Tensor = 1e-3,
+        lr: LearningRate = 1e-3,
         beta_1: float = 0.9,
         beta_2: float = 0.999,
         epsilon: float = 1e-7,
+        members: int = 1,
     ) -> None:
         defaults = {"lr": lr, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, members)
 
-    def _update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    def _factor(self, group: dict[str, Any], step: int, dtype: torch.dtype) -> float:
+        # Bias correction folded into the step size, from the shared counter, in the parameter dtype.
+        # Keras casts the Python betas with tf.cast, which rounds them to float32 first (visible in float64 only).
+        t = _scalar(step + 1, dtype)
+        beta_1_power = _scalar(torch.tensor(group["beta_1"], dtype=torch.float32), dtype) ** t
+        beta_2_power = _scalar(torch.tensor(group["beta_2"], dtype=torch.float32), dtype) ** t
+        return (_scalar(self._lr(group, step), dtype) * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)).item()
+
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+                factor: float | torch.Tensor) -> None:
         beta_1, beta_2 = group["beta_1"], group["beta_2"]
         state = self.state[param]
         if not state:
@@ -103,17 +175,10 @@ class KerasAdam(_KerasOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         m, v = state["exp_avg"], state["exp_avg_sq"]
 
-        # Bias correction folded into the step size, from the shared counter, in the parameter dtype.
-        # Keras casts the Python betas with tf.cast, which rounds them to float32 first (visible in float64 only).
-        t = _scalar(self.iterations + 1, param.dtype)
-        beta_1_power = _scalar(torch.tensor(beta_1, dtype=torch.float32), param.dtype) ** t
-        beta_2_power = _scalar(torch.tensor(beta_2, dtype=torch.float32), param.dtype) ** t
-        alpha = (_scalar(group["lr"], param.dtype) * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)).item()
-
-        # Same operation order as Keras' update_step.
+        # Same operation order as Keras' update_step; `factor` is alpha (per member with a member axis).
         m.add_((grad - m).mul_(1 - beta_1))
         v.add_((grad.square() - v).mul_(1 - beta_2))
-        param.sub_((m * alpha).div_(v.sqrt().add_(group["epsilon"])))
+        param.sub_((m * factor).div_(v.sqrt().add_(group["epsilon"])))
 
 
 class KerasRMSprop(_KerasOptimizer):
@@ -122,26 +187,30 @@ class KerasRMSprop(_KerasOptimizer):
     ``v = rho * v + (1 - rho) * g^2`` (v starts at zero), ``p -= lr * g / sqrt(v + epsilon)``.
     Why not ``torch.optim.RMSprop``: Keras adds epsilon inside the square root, PyTorch
     outside; the defaults also differ (Keras rho 0.9 / epsilon 1e-7, PyTorch alpha 0.99 / eps 1e-8).
+    ``members=M``: every parameter stacks M ensemble members along dim 0 (only a schedule makes it matter).
     """
 
     def __init__(
-        self, params: Params, lr: float | torch.Tensor = 1e-3, rho: float = 0.9, epsilon: float = 1e-7
+        self, params: Params, lr: LearningRate = 1e-3, rho: float = 0.9, epsilon: float = 1e-7, members: int = 1
     ) -> None:
         defaults = {"lr": lr, "rho": rho, "epsilon": epsilon}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, members)
 
-    def _update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    def _factor(self, group: dict[str, Any], step: int, dtype: torch.dtype) -> float:
+        # Learning rate rounded to the parameter dtype, as Keras casts it.
+        return _scalar(self._lr(group, step), dtype).item()
+
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+                factor: float | torch.Tensor) -> None:
         rho = group["rho"]
         state = self.state[param]
         if not state:
             state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         v = state["square_avg"]
-        # Learning rate rounded to the parameter dtype, as Keras casts it.
-        lr = _scalar(group["lr"], param.dtype).item()
 
-        # Same operation order as Keras' update_step; epsilon goes inside the sqrt.
+        # Same operation order as Keras' update_step; epsilon goes inside the sqrt; `factor` is the lr.
         v.mul_(rho).add_(grad.square().mul_(1 - rho))
-        param.sub_((grad * lr).div_(v.add(group["epsilon"]).sqrt_()))
+        param.sub_((grad * factor).div_(v.add(group["epsilon"]).sqrt_()))
 
 
 @dataclass(frozen=True)

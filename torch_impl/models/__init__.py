@@ -14,6 +14,7 @@ from torch_impl.models.ensemble import Ensemble
 from torch_impl.models.inception import InceptionE
 from torch_impl.models.lenet import LeNet, LeNetD
 from torch_impl.models.residual_block import ResidualBlock
+from torch_impl.models.vectorized import VectorizedEnsemble
 
 _BUILDERS = {
     "cnn": CNN,
@@ -97,4 +98,4 @@ def intermediate_outputs(model: nn.Module, name: str, x: torch.Tensor) -> dict[s
     return {layer.name: captured[layer.name] for layer in spec.layers}
 
 
-__all__ = ["build_model", "build_member", "intermediate_outputs", "model_logits", "Ensemble"]
+__all__ = ["Ensemble", "VectorizedEnsemble", "build_member", "build_model", "intermediate_outputs", "model_logits"]
