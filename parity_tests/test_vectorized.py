@@ -295,3 +295,26 @@ def test_lightning_fit_test_and_checkpoints_across_modes(tmp_path):
 
     with pytest.raises(ValueError, match="trained with ensemble_mode='vectorized'; resume it in that mode"):
         _trainer(fast_dev_run=1).fit(ClassifierModule("cnn_ensemble3"), train_dataloaders=loader, ckpt_path=path)
+
+
+def test_parity_train_and_lightning_cli_select_vectorized(tmp_path):
+    """The mode is a run option, not a code change: `parity train --ensemble-mode vectorized` trains and
+    checkpoints a vectorized ensemble, and the LightningCLI config takes `--model.ensemble_mode=vectorized`."""
+    from pathlib import Path
+
+    from parity.cli import main
+    from torch_impl.cli import main as lightning_cli
+
+    status = main(["train", "cnn_ensemble3", "--framework", "torch", "--ensemble-mode", "vectorized", "--epochs",
+                   "1", "--limit-train", "200", "--out", str(tmp_path), "--no-progress"])
+    assert status == 0
+    restored = ClassifierModule.load_from_checkpoint(
+        tmp_path / "cnn_ensemble3" / "torch" / "seed0" / "checkpoints" / "last.ckpt")
+    assert restored.hparams.ensemble_mode == "vectorized" and isinstance(restored.model, VectorizedEnsemble)
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "tut001_ensemble.yaml"
+    cli = lightning_cli(["fit", "--config", str(config), "--model.ensemble_mode=vectorized",
+                         "--trainer.fast_dev_run=true", "--data.limit_train=200",
+                         f"--trainer.default_root_dir={tmp_path / 'cli'}", "--trainer.enable_progress_bar=false"])
+    assert cli.model.vectorized and isinstance(cli.model.model, VectorizedEnsemble)
+    assert cli.trainer.global_step == 1

@@ -41,11 +41,11 @@ def build(model_name: str, recipe: Recipe, *, seed: int = 0, data_dir=None, limi
         shift_low=recipe.shift_low, shift_high=recipe.shift_high, data_dir=data_dir, limit_train=limit_train,
         seed=seed,
     )
-    extra = {"ensemble_mode": ensemble_mode} if ensemble_mode != "loop" else {}
     module = ClassifierModule(
         model_name=model_name, members=recipe.members, optimizer=recipe.optimizer, lr=recipe.lr,
         epsilon=recipe.epsilon, lr_decay_rate=recipe.lr_decay_rate, lr_decay_epochs=recipe.lr_decay_epochs,
-        train_acc_after_step=recipe.loop == "tape", **extra,
+        train_acc_after_step=recipe.loop == "tape",
+        ensemble_mode="loop" if ensemble_mode == "members" else ensemble_mode,
     )
     return module, datamodule
 
