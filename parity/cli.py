@@ -18,7 +18,7 @@ import sys
 from parity.catalog import MODEL_NAMES, RECIPES, TRAINABLE_MODEL_NAMES, get_spec, recipe_for
 
 FRAMEWORKS = ("tf", "torch")
-_SUBCOMMAND_MODULES = ("compare", "convert")  # parity/<name>.py defines add_<name>_parser
+_SUBCOMMAND_MODULES = ("compare", "convert", "bench")  # parity/<name>.py defines add_<name>_parser
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+from torch_impl.cpu_tuning import keep_freed_memory
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.lightning_module import ClassifierModule
 
 
 def main(args=None, run: bool = True) -> LightningCLI:
+    keep_freed_memory()  # CPU speed only (torch_impl/cpu_tuning.py)
     return LightningCLI(ClassifierModule, MNISTDataModule, args=args, run=run, seed_everything_default=0,
                         save_config_kwargs={"overwrite": True})
 

@@ -1,0 +1,69 @@
+"""`parity bench` runs end to end on a tiny budget and reports what it documents (its timings are not tested:
+speed lives in BENCHMARKS.md, not in assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from parity import bench
+from parity.cli import main
+
+
+def test_models_parse_and_bad_names_are_refused():
+    assert bench.parse_models("cnn, bn_cnn:5") == [("cnn", 1), ("bn_cnn", 5)]
+    with pytest.raises(ValueError, match="cnn"):
+        bench.parse_models("no_such_model")
+    assert bench.steps_for(5, 30) == 6 and bench.steps_for(3, 1) == 1
+    assert not bench.applicable("vectorized_bare", 1) and bench.applicable("vectorized_fit", 3)
+
+
+def test_unknown_variant_is_an_error_that_lists_the_valid_ones(capsys):
+    status = main(["bench", "--models", "cnn", "--variants", "eager,warp_speed", "--steps", "1", "--repeats", "1"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "warp_speed" in err and "channels_last" in err
+
+
+def test_bench_runs_every_default_variant_on_a_tiny_budget(tf, tmp_path, capsys):
+    """Both frameworks, every default variant of a single model and of an ensemble, one timed step each, plus the
+    memory table for one recipe: every row is measured (status ok) and the JSON has the documented fields."""
+    out = tmp_path / "bench.json"
+    status = main(["bench", "--models", "lenet_a,cnn:2", "--batch-sizes", "32", "--steps", "1", "--repeats", "1",
+                   "--warmup", "1", "--threads", "1", "--data", "synthetic", "--memory", "--memory-models",
+                   "lenet_a", "--memory-steps", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("parity bench --models lenet_a,cnn:2")
+    assert {"torch", "lightning", "tensorflow"} <= result["versions"].keys()
+
+    rows = {(r["variant"], r["model"], r["members"]): r for r in result["rows"]}
+    expected = {(v, "lenet_a", 1) for v in ("tf", "eager", "channels_last", "bare", "fit")}
+    expected |= {(v, "cnn", 2) for v in ("tf", "eager", "channels_last", "fit", "vectorized_bare", "vectorized_fit")}
+    assert set(rows) == expected
+    for key, row in rows.items():
+        assert row["status"] == "ok", (key, row["status"])
+        assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["batch"] == 32
+        assert (row["ratio_to_tf"] == 1.0) if row["framework"] == "tf" else row["ratio_to_tf"] > 0
+        assert row["tf_imported"] == (row["framework"] == "tf"), key  # torch workers never import TensorFlow
+    modes = {(o["model"], o["mode"]) for o in result["lightning_overhead"]}
+    assert modes == {("lenet_a", "single"), ("cnn", "vectorized")}
+
+    (memory,) = [r for r in result["memory"] if r["framework"] == "torch"]
+    assert memory["status"] == "ok" and memory["recipe"] == "tut003" and memory["peak_rss_mb"] > memory["base_rss_mb"]
+    assert {r["framework"] for r in result["memory"]} == {"tf", "torch"}
+    assert "images/s" in printed and "Lightning overhead" in printed and "Peak resident memory" in printed
+
+
+def test_torch_only_bench_never_imports_tensorflow(tmp_path):
+    """`--frameworks torch` is what runs on a GPU machine without TensorFlow: no TF in any process."""
+    out = tmp_path / "bench.json"
+    status = main(["bench", "--models", "lenet_a", "--frameworks", "torch", "--variants", "eager,fit",
+                   "--batch-sizes", "16", "--steps", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                   "--data", "synthetic", "--json", str(out)])
+    assert status == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["eager", "fit"]
+    assert all(r["status"] == "ok" and r["tf_imported"] is False and r["ratio_to_tf"] is None for r in rows)

@@ -1,0 +1,254 @@
+"""Speed of changes proposed for files `parity bench` only measures (models, ClassifierModule, train.py), each
+applied on top of the current code in its own worker process, timed repeats alternating between the processes.
+
+    .venv/bin/python scripts/bench_proposals.py [--model cnn] [--batch 100] [--steps 20] [--repeats 5]
+                                                [--warmup 5] [--threads N] [--configs current,all,...] [--json PATH]
+
+A configuration is a base (`eager`: plain modules and optimizer in a loop; `bare` / `fit`: the ClassifierModule in a
+hand-written loop / in Trainer.fit, as `parity bench` runs them) plus patches:
+
+- `malloc`: glibc keeps freed memory instead of unmapping it (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD): every
+  step's large activations otherwise come back as fresh pages, thousands of page faults per step.
+- `channels_last`: the model's 4-D parameters (and hence its activations) in NHWC memory format: oneDNN's NCHW
+  convolutions reorder on every call, and its NCHW weight gradient for a 1-channel input is slow.
+- `relu_after_pool`: `relu(maxpool(conv(x)))` instead of `maxpool(relu(conv(x)))` (identical values and gradients:
+  max commutes with the monotone relu, and the max is taken at the same position), ReLUs in place: the ReLU and its
+  backward run on a quarter of the elements.
+- `foreach_adam`: KerasAdam's update with `torch._foreach_*` ops in the same operation order (bit-identical).
+- Lightning (`fit` only): `no_bar` (no progress bar), `no_logger`, `no_step_log` (no per-step `self.log`).
+
+Reported: wall ms/step, CPU ms/step (all threads; steadier than wall time on a shared machine), and the speed-up over
+`current` as the median of per-repeat ratios (paired in time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from parity import bench  # noqa: E402
+
+CONFIGS = {
+    "current": ("eager", ()),
+    "malloc": ("eager", ("malloc",)),
+    "channels_last": ("eager", ("channels_last",)),
+    "relu_after_pool": ("eager", ("relu_after_pool",)),
+    "foreach_adam": ("eager", ("foreach_adam",)),
+    "malloc_channels_last": ("eager", ("malloc", "channels_last")),
+    "all": ("eager", ("malloc", "channels_last", "relu_after_pool")),
+    "bare": ("bare", ()),
+    "fit": ("fit", ()),
+    "fit_no_bar": ("fit", ("no_bar",)),
+    "fit_no_logger": ("fit", ("no_logger",)),
+    "fit_no_step_log": ("fit", ("no_step_log",)),
+    "bare_all": ("bare", ("malloc", "channels_last", "relu_after_pool")),
+    "fit_all": ("fit", ("malloc", "channels_last", "relu_after_pool")),
+}
+DEFAULT_CONFIGS = ("current", "malloc", "channels_last", "relu_after_pool", "all")
+
+
+# ------------------------------------------------------------------------------------------------ the patches
+def use_malloc_cache() -> None:
+    """glibc: serve large blocks from the heap and never trim it (freed activations are reused, not unmapped)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise RuntimeError("mallopt refused the thresholds")
+
+
+def relu_after_pool() -> None:
+    """Reorder `maxpool(relu(.))` into `relu_(maxpool(.))` in the models that have it; ReLUs in place."""
+    import torch
+
+    from torch_impl.models.bn_cnn import ConvBNRelu, DenseBNRelu
+    from torch_impl.models.cnn import CNN
+    from torch_impl.models.datacamp import DataCampCNN
+
+    def cnn_forward(self, x):
+        x = torch.relu_(self.pool1(self.conv1(x)))
+        x = torch.relu_(self.pool2(self.conv2(x)))
+        x = torch.relu_(self.pool3(self.conv3(x)))
+        x = self.drop4(torch.relu_(self.dense4(self.pool3_flat(x))))
+        return self.dense5(x)
+
+    def datacamp_forward(self, x):
+        x = self._drop("drop1", torch.relu_(self.pool1(self.conv1(x))))
+        x = self._drop("drop2", torch.relu_(self.pool2(self.conv2(x))))
+        x = self._drop("drop3", torch.relu_(self.pool3(self.conv3(x))))
+        x = self._drop("drop4", torch.relu_(self.fc1(self.flatten(x))))
+        return self.out(x)
+
+    CNN.forward, DataCampCNN.forward = cnn_forward, datacamp_forward
+    # bn_cnn's blocks end in the ReLU (the pool is outside them): in place only
+    ConvBNRelu.forward = lambda self, x: torch.relu_(self.bn(self.conv(x)))
+    DenseBNRelu.forward = lambda self, x: torch.relu_(self.bn(self.dense(x)))
+
+
+def foreach_adam() -> None:
+    """KerasAdam._update for all parameters at once with `_foreach` ops, in `_update`'s operation order."""
+    import torch
+
+    from torch_impl.optim import KerasAdam
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if self.members != 1:
+                raise NotImplementedError("foreach_adam: members=1 only")
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads = [p.grad for p in params]
+            ms = [self.state[p]["exp_avg"] for p in params]
+            vs = [self.state[p]["exp_avg_sq"] for p in params]
+            factor = self._factor(group, self.iterations, params[0].dtype)
+            delta = torch._foreach_sub(grads, ms)
+            torch._foreach_mul_(delta, 1 - group["beta_1"])
+            torch._foreach_add_(ms, delta)
+            delta = torch._foreach_mul(grads, grads)
+            torch._foreach_sub_(delta, vs)
+            torch._foreach_mul_(delta, 1 - group["beta_2"])
+            torch._foreach_add_(vs, delta)
+            update = torch._foreach_mul(ms, factor)
+            denominator = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denominator, group["epsilon"])
+            torch._foreach_div_(update, denominator)
+            torch._foreach_sub_(params, update)
+        self.iterations += self.members
+        if self.lr_schedule is not None:
+            for group in self.param_groups:
+                group["lr"] = self.lr_schedule(self.iterations)
+        return loss
+
+    KerasAdam.step = step
+
+
+def no_step_log() -> None:
+    """ClassifierModule without its per-step `self.log` (the epoch metrics are still accumulated)."""
+    from torch_impl.lightning_module import ClassifierModule
+
+    def log_train(self, loss, acc):
+        self.train_loss.update(loss)
+        if not self.hparams.train_acc_after_step:
+            self.train_acc.update(acc)
+
+    ClassifierModule._log_train = log_train
+
+
+def make_worker(setup: dict):
+    """`parity bench`'s worker for the base variant, with the configuration's patches applied around it."""
+    import torch
+
+    patches = set(setup["patches"])
+    if "malloc" in patches:
+        use_malloc_cache()
+    if "relu_after_pool" in patches:
+        relu_after_pool()
+    if "foreach_adam" in patches:
+        foreach_adam()
+    if "no_step_log" in patches:
+        no_step_log()
+    cell = dict(setup["cell"])
+    if cell["variant"] == "eager" and "channels_last" in patches:
+        cell["variant"] = "channels_last"
+    worker = bench.make_worker({**setup, "cell": cell})
+    if cell["variant"] in ("bare", "fit"):
+        if "channels_last" in patches:
+            worker.module.model.to(memory_format=torch.channels_last)
+        if "no_bar" in patches:
+            worker.trainer_kwargs["enable_progress_bar"] = False
+        if "no_logger" in patches:
+            worker.trainer_kwargs["logger"] = False
+    return worker
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--batch", type=int, help="default: the model's recipe batch size")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--data", choices=("auto", "mnist", "synthetic"), default="auto")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"from: {', '.join(CONFIGS)}")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    names = [c for c in args.configs.split(",") if c]
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configs {sorted(unknown)}")
+    model, members = bench.parse_models(args.model)[0]
+    batch = args.batch or bench.recipe_for(model).batch_size
+    source = bench._data_source(args.data)
+    workers = {name: bench.Worker(name, [sys.executable, __file__, "--worker"]) for name in names}
+    for name, worker in workers.items():
+        variant, patches = CONFIGS[name]
+        cell = bench.Cell("torch", variant, model, members, batch)
+        worker.send("setup", cell=bench.asdict(cell), data=source, device="cpu", threads=args.threads,
+                    patches=list(patches))
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for name, worker in workers.items():
+        answer = worker.receive()
+        if not answer["ok"]:
+            print(f"{name}: {answer['status']}")
+            runs.pop(name)
+    steps = bench.steps_for(members, args.steps)
+    for repeat in range(args.repeats):
+        order = list(runs)
+        order = order[repeat % len(order):] + order[:repeat % len(order)]
+        for name in order:
+            answer = workers[name].ask("run", steps=steps, warmup=bench.steps_for(members, args.warmup))
+            if not answer["ok"]:
+                print(f"{name}: {answer['status']}")
+                continue
+            runs[name].append((1000 * answer["seconds"] / steps, 1000 * answer["cpu_seconds"] / steps))
+            time.sleep(0.05)
+    for worker in workers.values():
+        worker.close()
+    baseline = {"eager": "current", "bare": "bare", "fit": "fit"}
+    results = []
+    print(f"{model} x{members}, batch {batch}, data {source}, threads {args.threads or 'default'}: "
+          f"{steps} steps x {args.repeats} repeats (median)")
+    print(f"{'config':18s}  {'base':5s}  {'patches':40s}  {'ms/step':>8s}  {'cpu ms/step':>11s}  {'speed-up':>8s}")
+    for name, values in runs.items():
+        variant, patches = CONFIGS[name]
+        if not values:
+            continue
+        reference = runs.get(baseline[variant]) if name != baseline[variant] else None
+        pairs = list(zip(values, reference or []))
+        speedup = statistics.median(r[0] / v[0] for v, r in pairs) if pairs else None
+        row = {"config": name, "base": variant, "patches": list(patches), "ms_per_step": statistics.median(
+            v[0] for v in values), "cpu_ms_per_step": statistics.median(v[1] for v in values), "speedup": speedup,
+            "runs_ms": [v[0] for v in values]}
+        results.append(row)
+        print(f"{name:18s}  {variant:5s}  {','.join(patches) or '-':40s}  {row['ms_per_step']:8.1f}  "
+              f"{row['cpu_ms_per_step']:11.1f}  {'' if speedup is None else f'{speedup:.2f}x':>8s}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model, "members": members, "batch": batch, "data": source,
+                                               "threads": args.threads, "rows": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        bench.serve(make_worker)
+    else:
+        sys.exit(main())
