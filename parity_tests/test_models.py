@@ -66,6 +66,21 @@ def test_custom_layers_load_in_safe_mode(tf, name, tmp_path, rng):
     np.testing.assert_array_equal(model(x).numpy(), loaded(x).numpy())
 
 
+def test_ensemble_survives_keras_save_and_load(tf, tmp_path, rng):
+    """A saved tutorial-001 ensemble reloads with all its members and their weights (safe mode)."""
+    import keras
+
+    from tf_ref.models import build_model
+
+    model = build_model("cnn_ensemble3", seed=0)
+    path = tmp_path / "cnn_ensemble3.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert len(loaded.members) == 3 and [m.name for m in loaded.members] == ["member0", "member1", "member2"]
+    x = rng.random((4, 28, 28, 1), dtype=np.float32)
+    np.testing.assert_array_equal(model(x, training=False).numpy(), loaded(x, training=False).numpy())
+
+
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="choose one of: cnn, cnn_ensemble3"):
         get_spec("resnet50")
