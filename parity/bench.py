@@ -29,7 +29,7 @@ JSON (`--json PATH`): {"command", "device", "threads", "data", "steps", "repeats
 "images_per_s", "images_per_s_runs", "ms_per_step", "cpu_ms_per_step", "ratio_to_tf", "ratio_to_tf_runs",
 "peak_rss_mb", "base_rss_mb", "cuda_peak_mb", "tf_imported", "threads"}], "lightning_overhead": [{"model",
 "members", "batch", "mode", "fit_images_per_s", "bare_images_per_s", "overhead_pct"}], "memory": [{"framework",
-"recipe", "model", "members", "steps", "status", "peak_rss_mb", "base_rss_mb"}], "scale": [{"framework", "variant",
+"recipe", "model", "members", "steps", "status", "peak_rss_mb", "base_rss_mb", "tf_imported"}], "scale": [{"framework", "variant",
 "model", "members", "batch", "ms_per_step"}]}. "memory" and "scale" appear with --memory / --scale.
 """
 
@@ -701,7 +701,8 @@ def measure_memory(models: list[tuple[str, int]], frameworks: list[str], steps: 
                                 device=device)
             worker.close()
             if answer["ok"]:
-                row.update(peak_rss_mb=answer["peak_rss_mb"], base_rss_mb=answer["base_rss_mb"])
+                row.update(peak_rss_mb=answer["peak_rss_mb"], base_rss_mb=answer["base_rss_mb"],
+                           tf_imported=answer["tf_imported"])
             else:
                 row["status"] = answer["status"]
             rows.append(row)
