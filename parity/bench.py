@@ -240,12 +240,9 @@ class _TorchWorker:
     """Shared torch set-up: device, threads, the uint8 data as tensors, synchronization for timing."""
 
     def __init__(self, device: str, threads: int | None):
-        import types
+        from torch_impl.cpu_tuning import tensorboard_without_tensorflow
 
-        # Lightning's TensorBoardLogger writes through tensorboard, which imports TensorFlow whenever it is installed
-        # (+0.5 GB, seconds). This process never uses TF: let tensorboard use its TF-free writer, as it does where TF
-        # is absent, so that a torch row costs what it costs on a torch-only machine.
-        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+        tensorboard_without_tensorflow()  # a torch row costs what it costs on a torch-only machine
         import torch
 
         if threads:

@@ -114,6 +114,23 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     assert restored.hparams.model_name == "lenet_a"
 
 
+def test_torch_training_does_not_import_installed_tensorflow(tf, tmp_path):
+    """With TensorFlow installed, a torch run (TensorBoard logger included) still never imports it: tensorboard would,
+    for +0.5 GB of memory per process (torch_impl.cpu_tuning.tensorboard_without_tensorflow)."""
+    code = (
+        "import sys\n"
+        "from parity.catalog import recipe_for\n"
+        "from torch_impl.train import train\n"
+        f"h = train('lenet_a', recipe_for('lenet_a').replace(epochs=1), out={str(tmp_path)!r}, progress=False, "
+        "limit_train=64)\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False", "the torch run imported TensorFlow"
+    assert list((tmp_path / "lenet_a" / "torch" / "seed0" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
 def test_torch_side_runs_without_tensorflow(tmp_path):
     """Import the torch side and train two steps in a process where `import tensorflow` fails."""
     code = (

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from torch_impl.cpu_tuning import keep_freed_memory
+from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.lightning_module import ClassifierModule
 
 
 def main(args=None, run: bool = True) -> LightningCLI:
     keep_freed_memory()  # CPU speed only (torch_impl/cpu_tuning.py)
+    tensorboard_without_tensorflow()  # Lightning's TensorBoard logger would import TensorFlow where it is installed
     return LightningCLI(ClassifierModule, MNISTDataModule, args=args, run=run, seed_everything_default=0,
                         save_config_kwargs={"overwrite": True})
 

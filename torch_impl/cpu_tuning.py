@@ -1,4 +1,4 @@
-"""CPU training speed settings that change no result.
+"""Process settings for torch training that change no result: CPU speed, and no TensorFlow in torch processes.
 
 `keep_freed_memory()`: glibc returns every large freed block (PyTorch's CPU allocator uses malloc) to the operating
 system and maps fresh pages for the next one, so each training step page-faults through its largest activations
@@ -32,3 +32,21 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return _done
+
+
+def tensorboard_without_tensorflow() -> bool:
+    """Keep TensorFlow out of a torch training process (Lightning's TensorBoard logger writes through `tensorboard`,
+    which imports TensorFlow whenever it is installed: +0.5-0.9 GB of resident memory and seconds of start-up).
+
+    `tensorboard.compat.notf` is tensorboard's own switch for "use the TF-free writer" (its `no_tensorflow` build
+    target provides that module); registering it does the same at run time. Local log directories are written the
+    same way. Skipped when TensorFlow is already imported (e.g. `parity compare` runs both frameworks).
+    Returns whether the switch is on.
+    """
+    import sys
+    import types
+
+    if sys.modules.get("tensorflow") is not None:
+        return "tensorboard.compat.notf" in sys.modules
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    return True

@@ -27,7 +27,7 @@ from parity.catalog import Recipe, get_spec
 from parity.runs import History, run_dir
 from torch_impl.callbacks import HistoryWriter, RestoreBestWeights
 from torch_impl.datamodule import MNISTDataModule
-from torch_impl.cpu_tuning import keep_freed_memory
+from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.distributed import KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank
 from torch_impl.lightning_module import ClassifierModule
 
@@ -76,6 +76,7 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
          limit_train: int | None, resume: bool, deterministic: bool, augment: str | None, accelerator: str,
          devices, num_nodes: int, ensemble_mode: str, trainer_kwargs: dict | None) -> dict:
     keep_freed_memory()  # CPU speed: freed activations are reused instead of page-faulted in again (no effect on results)
+    tensorboard_without_tensorflow()  # the TensorBoard logger would otherwise import TensorFlow when it is installed
     L.seed_everything(seed, workers=True, verbose=False)
     world_size = (devices if isinstance(devices, int) else len(devices)) * num_nodes
     module, datamodule = build(model_name, recipe, seed=seed, data_dir=data_dir, limit_train=limit_train,
