@@ -159,7 +159,7 @@ def test_one_real_epoch_of_cnn_in_both_frameworks(tf, tmp_path):
     98.75%: one-epoch accuracy is a draw from a seed distribution, measured here (RESULTS.md, "one epoch, five
     seeds") as TF 98.57 +- 0.15% (range 98.33-98.74) and Lightning 98.45 +- 0.22% (range 98.20-98.72). A 98.5%
     bar sits at the middle of both: the TF reference itself misses it on one seed in five. 98.0% is about two
-    standard deviations under the lowest run of either framework, and a broken port (wrong init, optimizer or
+    standard deviations under the Lightning mean and 0.2 points under the lowest run of either framework, and a broken port (wrong init, optimizer or
     scaling) lands far below it (untrained: ~10%; without the optimizer's TF semantics the curves already differ at
     level 3). Level 3 is the precise check; this one proves the recipe trains end to end in both frameworks.
     """
