@@ -55,13 +55,12 @@ DEFAULT_CONFIGS = ("current", "malloc", "channels_last", "relu_after_pool", "all
 
 # ------------------------------------------------------------------------------------------------ the patches
 def use_malloc_cache() -> None:
-    """glibc: serve large blocks from the heap and never trim it (freed activations are reused, not unmapped)."""
-    import ctypes
+    """glibc: serve large blocks from the heap and never trim it (freed activations are reused, not unmapped).
+    Landed as `torch_impl.cpu_tuning.keep_freed_memory`, which the Lightning bases already apply."""
+    from torch_impl.cpu_tuning import keep_freed_memory
 
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)):
-        raise RuntimeError("mallopt refused the thresholds")
+    if not keep_freed_memory():
+        raise RuntimeError("mallopt refused the thresholds (or PARITY_KEEP_FREED_MEMORY=0, or not glibc)")
 
 
 def relu_after_pool() -> None:

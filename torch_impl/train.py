@@ -46,7 +46,7 @@ def build(model_name: str, recipe: Recipe, *, seed: int = 0, data_dir=None, limi
         model_name=model_name, members=recipe.members, optimizer=recipe.optimizer, lr=recipe.lr,
         epsilon=recipe.epsilon, lr_decay_rate=recipe.lr_decay_rate, lr_decay_epochs=recipe.lr_decay_epochs,
         train_acc_after_step=recipe.loop == "tape",
-        ensemble_mode="loop" if ensemble_mode == "members" else ensemble_mode,
+        ensemble_mode=ensemble_mode,
     )
     return module, datamodule
 
@@ -123,7 +123,7 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
     trainer.test(module, datamodule=datamodule, verbose=False)  # the final (for 003: the restored best) weights
     test = module.epoch_metrics(reset=True)  # reduced across processes
     final = {"test_loss": test.get("test_loss", float("nan")), "test_acc": test.get("test_acc", float("nan")),
-                 "train_seconds": train_seconds}
+             "train_seconds": train_seconds}
     if trainer.is_global_zero:
         history.history.finish(**final)
     else:
@@ -150,7 +150,7 @@ def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out
     directory = run_dir(out, model_name, "torch", seed)
     member_recipe = recipe.replace(members=1)
     kwargs = {"seed": seed, "data_dir": data_dir, "progress": progress, "limit_train": limit_train,
-                  "deterministic": deterministic, "augment": augment, "accelerator": accelerator}
+              "deterministic": deterministic, "augment": augment, "accelerator": accelerator}
     layout = launched_rank()
     started = time.perf_counter()
     if layout is not None:
