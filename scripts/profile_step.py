@@ -1,0 +1,59 @@
+"""Where one training step of a catalog model spends its CPU time (torch.profiler, per op, with input shapes).
+
+    .venv/bin/python scripts/profile_step.py [--model cnn] [--batch 100] [--steps 10] [--channels-last]
+
+The step is `parity bench`'s `eager` one: the plain module, cross-entropy, the recipe's Keras-semantics optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from parity.catalog import get_spec, recipe_for
+    from torch_impl.lightning_module import build_optimizer
+    from torch_impl.models import build_member, model_logits
+
+    recipe = recipe_for(args.model)
+    member = build_member(args.model, seed=0)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    member = member.to(memory_format=fmt)
+    optimizer = build_optimizer(list(member.parameters()), recipe.optimizer, recipe.lr, recipe.epsilon)
+    h, w, c = get_spec(get_spec(args.model).member or args.model).input_shape
+    x = torch.rand(args.batch, c, h, w).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (args.batch,))
+
+    def step() -> None:
+        loss = F.cross_entropy(model_logits(member, x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(5):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(args.steps):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=12,
+                                                             max_name_column_width=32, max_shapes_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
