@@ -379,6 +379,7 @@ class _LightningWorker(_TorchWorker):
         self.data.setup("fit")
         self.bare = cell.variant.endswith("bare")
         self.trainer_kwargs: dict = {}  # overrides of the Trainer below (scripts/bench_proposals.py)
+        self.progress_bar = True
         if self.bare:
             self.module.to(self.device)
             self.optimizer = self.module.configure_optimizers()
@@ -416,6 +417,8 @@ class _LightningWorker(_TorchWorker):
         from lightning.pytorch.callbacks import LearningRateMonitor
         from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+        from torch_impl.callbacks import KerasProgressBar
+
         worker, warmup = self, max(warmup, 1)
         times: dict[str, float] = {}
 
@@ -432,10 +435,11 @@ class _LightningWorker(_TorchWorker):
         settings = dict(
             max_epochs=1, limit_train_batches=warmup + steps, limit_val_batches=0, num_sanity_val_steps=0,
             accelerator="gpu" if self.device.type == "cuda" else "cpu", devices=1,
-            callbacks=[LearningRateMonitor(logging_interval="epoch"), StepTimer()],
+            callbacks=[*([KerasProgressBar()] if self.progress_bar else []), LearningRateMonitor(logging_interval="epoch"),
+                       StepTimer()],
             logger=[TensorBoardLogger(self.logdir, name="tensorboard", version="lightning"),
                     CSVLogger(self.logdir, name="csv", version="")],
-            enable_progress_bar=True, enable_model_summary=False, enable_checkpointing=False,
+            enable_progress_bar=self.progress_bar, enable_model_summary=False, enable_checkpointing=False,
             use_distributed_sampler=False,
         )
         trainer = self.L.Trainer(**{**settings, **self.trainer_kwargs})

@@ -171,7 +171,7 @@ def make_worker(setup: dict):
         if "channels_last" in patches:
             worker.module.model.to(memory_format=torch.channels_last)
         if "no_bar" in patches:
-            worker.trainer_kwargs["enable_progress_bar"] = False
+            worker.progress_bar = False
         if "no_logger" in patches:
             worker.trainer_kwargs["logger"] = False
     return worker

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from parity.runs import TB_TAGS, History
 
@@ -109,3 +109,37 @@ class RestoreBestWeights(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
 
+
+
+class KerasProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar showing what Keras's `Progbar` shows: the epoch's running mean loss and accuracy, redrawn
+    at most every `interval` seconds (Keras: 0.05 s) and at the end of each epoch.
+
+    Lightning's bar redraws after every `refresh_rate` batches and, each time, reads every logged metric back as a
+    Python number; at refresh_rate 1 that cost about 3% of a 35 ms CPU step of `cnn` (BENCHMARKS.md) and, on a GPU,
+    would wait for the device once per batch. The running means come from the module's own epoch accumulators
+    (`train_loss`, `train_acc`: torchmetrics `MeanMetric`s), read on this process only, so nothing is synchronized.
+    """
+
+    def __init__(self, interval: float = 0.1, leave: bool = False):
+        super().__init__(refresh_rate=1, leave=leave)
+        self.interval = interval
+        self._last_draw = float("-inf")
+
+    def _should_update(self, current: int, total: int) -> bool:
+        if not self.is_enabled:
+            return False
+        now = time.monotonic()
+        if current == total or now - self._last_draw >= self.interval:
+            self._last_draw = now
+            return True
+        return False
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        for name in ("train_loss", "train_acc"):
+            metric = getattr(pl_module, name, None)
+            # a MeanMetric's local state: weighted sum and total weight (compute() would sync across processes)
+            if metric is not None and getattr(metric, "update_count", 0) and float(metric.weight) > 0:
+                metrics[name.removeprefix("train_")] = f"{float(metric.mean_value / metric.weight):.4f}"
+        return metrics

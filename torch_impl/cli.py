@@ -8,18 +8,34 @@
 
 from __future__ import annotations
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from torch_impl.callbacks import KerasProgressBar
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.lightning_module import ClassifierModule
 
 
+class ParityCLI(LightningCLI):
+    """LightningCLI whose Trainer shows `KerasProgressBar` (the epoch's running loss and accuracy, redrawn on a
+    timer) unless the config names its own progress bar or sets `trainer.enable_progress_bar: false`."""
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = kwargs.get("callbacks", config.get("callbacks")) or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [KerasProgressBar(), *callbacks]
+        return super().instantiate_trainer(**kwargs)
+
+
 def main(args=None, run: bool = True) -> LightningCLI:
     keep_freed_memory()  # CPU speed only (torch_impl/cpu_tuning.py)
     tensorboard_without_tensorflow()  # Lightning's TensorBoard logger would import TensorFlow where it is installed
-    return LightningCLI(ClassifierModule, MNISTDataModule, args=args, run=run, seed_everything_default=0,
-                        save_config_kwargs={"overwrite": True})
+    return ParityCLI(ClassifierModule, MNISTDataModule, args=args, run=run, seed_everything_default=0,
+                     save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from parity.catalog import Recipe, get_spec
 from parity.runs import History, run_dir
-from torch_impl.callbacks import HistoryWriter, RestoreBestWeights
+from torch_impl.callbacks import HistoryWriter, KerasProgressBar, RestoreBestWeights
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.distributed import KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank
@@ -83,6 +83,7 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
                                augment=augment, ensemble_mode=ensemble_mode)
     history = HistoryWriter(str(directory), model_name=model_name, seed=seed, recipe=dataclasses.asdict(recipe))
     callbacks = [
+        *([KerasProgressBar()] if progress else []),
         history,
         ModelCheckpoint(dirpath=directory / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
                         save_last=True, save_top_k=-1 if recipe.epochs <= 20 else 3,

@@ -1,0 +1,113 @@
+"""What the Lightning training loop shows and logs, and what it costs per step (torch only).
+
+The port keeps per-step work out of `Trainer.fit` (BENCHMARKS.md, "Lightning overhead"): the per-step loss is
+logged only on the batches whose values Lightning writes to the loggers, and the progress bar is redrawn on a
+timer. These tests check that nothing a user sees is lost by that: the loggers get the loss of the very step they
+are stamped with, and the bar shows the epoch's running means.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from torch_impl.callbacks import KerasProgressBar
+from torch_impl.lightning_module import ClassifierModule
+
+
+def _loader(n: int = 80, batch: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)),
+                      batch_size=batch)
+
+
+class _StepLosses(L.Callback):
+    """Each batch's training loss, as the optimization loop returned it."""
+
+    def __init__(self):
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[batch_idx] = float(outputs["loss"])
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_per_step_loss_reaches_the_logger_at_the_steps_lightning_writes(tmp_path, every):
+    torch.manual_seed(0)
+    module = ClassifierModule(model_name="cnn")
+    recorder = _StepLosses()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=10, log_every_n_steps=every,
+                        logger=CSVLogger(tmp_path, name="csv", version=""), callbacks=[recorder],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=_loader())
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        logged = {int(row["step"]): float(row["train_loss"]) for row in csv.DictReader(f) if row.get("train_loss")}
+    # Lightning writes on the batches k with (k + 1) % every == 0, stamped step = k (batches stepped before it)
+    assert sorted(logged) == [k for k in range(10) if (k + 1) % every == 0]
+    for step, value in logged.items():
+        assert value == pytest.approx(recorder.losses[step], rel=1e-6), f"step {step} logged a stale loss"
+
+
+def test_per_step_loss_is_not_logged_on_the_other_steps(monkeypatch):
+    """The point of the gate: `self.log` runs only where the loggers write (here every 4th of 12 batches)."""
+    calls = []
+    original = ClassifierModule.log
+
+    def counting_log(self, name, *args, **kwargs):
+        if name == "train_loss":
+            calls.append(self.trainer.fit_loop.epoch_loop.batch_idx)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ClassifierModule, "log", counting_log)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=12, log_every_n_steps=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(ClassifierModule(model_name="cnn"), train_dataloaders=_loader(96))
+    assert calls == [3, 7, 11]
+
+
+def test_progress_bar_shows_the_running_means_of_the_epoch():
+    module = ClassifierModule(model_name="cnn")
+    for loss, acc in ((1.0, 0.25), (2.0, 0.5), (4.5, 1.0)):
+        module.train_loss.update(torch.tensor(loss))
+        module.train_acc.update(torch.tensor(acc))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[KerasProgressBar()])
+    metrics = KerasProgressBar().get_metrics(trainer, module)
+    assert metrics["loss"] == f"{2.5:.4f}" and metrics["acc"] == f"{1.75 / 3:.4f}"
+
+
+def test_progress_bar_redraws_on_a_timer_and_at_the_end(monkeypatch):
+    bar = KerasProgressBar(interval=0.1)
+    now = [100.0]
+    monkeypatch.setattr("torch_impl.callbacks.time.monotonic", lambda: now[0])
+    draws = []
+    for batch in range(1, 11):  # ten batches, 30 ms apart: drawn at the first, then once 0.1 s has passed
+        now[0] += 0.03
+        if bar._should_update(batch, 10):
+            draws.append(batch)
+    assert draws == [1, 5, 9, 10]  # 10: the last batch of the epoch is always drawn
+
+
+def test_a_diverged_loss_shows_as_nan_instead_of_stopping_the_run():
+    """Keras prints `loss: nan` and goes on; torchmetrics' default would raise at the first nan."""
+    module = ClassifierModule(model_name="cnn")
+    module.train_loss.update(torch.tensor(float("nan")))
+    module.train_loss.update(torch.tensor(1.0))
+    assert torch.isnan(module.train_loss.compute())
+
+
+@pytest.mark.parametrize("extra, expected", [([], KerasProgressBar), (["--trainer.enable_progress_bar=false"], None)])
+def test_lightning_cli_trains_with_the_keras_style_bar_unless_the_bar_is_off(tmp_path, extra, expected):
+    from torch_impl.cli import main
+
+    cli = main(["fit", "--config", str(Path(__file__).parent.parent / "configs" / "tut001_cnn.yaml"), "--trainer.fast_dev_run=true", "--data.limit_train=200",
+                f"--trainer.default_root_dir={tmp_path}", *extra])
+    bar = cli.trainer.progress_bar_callback
+    assert (type(bar) if bar is not None else None) is expected
+    assert cli.trainer.state.finished
