@@ -107,8 +107,10 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == "same":
-            # -inf padding so that only real pixels can be the maximum, as in TF.
-            x = F.pad(x, _same_pads_2d(x.shape[-2], x.shape[-1], self.kernel_size, self.stride), value=-math.inf)
+            pads = _same_pads_2d(x.shape[-2], x.shape[-1], self.kernel_size, self.stride)
+            if any(pads):  # (28 -> 14 needs none: F.pad would only copy the largest activation, both ways)
+                # -inf padding so that only real pixels can be the maximum, as in TF.
+                x = F.pad(x, pads, value=-math.inf)
         return F.max_pool2d(x, self.kernel_size, self.stride)
 
 
