@@ -159,6 +159,29 @@ def _t_quantile_975(df: float) -> float:
     return float(stats.t.ppf(0.975, df)) if df > 0 else float("nan")
 
 
+def accuracy_equivalence(acc_tf: list[float], acc_torch: list[float], margin: float) -> dict:
+    """Test accuracies of independent runs per framework -> mean, std, difference (torch - tf), Welch 95% CI.
+
+    "Comparable" = the difference of the means is within `margin`, and with 2+ runs per framework the Welch 95%
+    confidence interval of the difference also lies inside [-margin, margin] (two one-sided tests). With one run per
+    framework there is no interval and only the difference is tested.
+    """
+    (mean_tf, std_tf), (mean_torch, std_torch) = _mean_std(acc_tf), _mean_std(acc_torch)
+    n_tf, n_torch = len(acc_tf), len(acc_torch)
+    diff = mean_torch - mean_tf
+    ci = None
+    if n_tf > 1 and n_torch > 1:
+        a, b = std_tf**2 / n_tf, std_torch**2 / n_torch
+        se = math.sqrt(a + b)
+        df = (a + b) ** 2 / (a**2 / (n_tf - 1) + b**2 / (n_torch - 1)) if se > 0 else min(n_tf, n_torch) - 1
+        half = _t_quantile_975(df) * se
+        ci = [diff - half, diff + half]
+    passed = abs(diff) <= margin and (ci is None or (ci[0] >= -margin and ci[1] <= margin))
+    return {"pass": bool(passed), "tf": {"mean": mean_tf, "std": std_tf, "runs": list(acc_tf)},
+            "torch": {"mean": mean_torch, "std": std_torch, "runs": list(acc_torch)},
+            "diff": diff, "ci95": ci, "margin": margin}
+
+
 def level_accuracy(name: str, epochs: int, seeds: int, out_dir: Path, margin: float, progress: bool,
                    limit_train: int | None = None) -> tuple[dict, dict]:
     """Train each framework from its own random init over `seeds` seeds; compare test accuracy statistically.
@@ -180,25 +203,13 @@ def level_accuracy(name: str, epochs: int, seeds: int, out_dir: Path, margin: fl
             if seed == 0:
                 artifacts[framework] = history
     acc = {fw: [h["test_acc"] for h in hs] for fw, hs in runs.items()}
-    (mean_tf, std_tf), (mean_torch, std_torch) = _mean_std(acc["tf"]), _mean_std(acc["torch"])
-    diff = mean_torch - mean_tf
-    ci = None
-    if seeds > 1:
-        se = math.sqrt(std_tf**2 / seeds + std_torch**2 / seeds)
-        df = (se**4 / ((std_tf**2 / seeds) ** 2 / (seeds - 1) + (std_torch**2 / seeds) ** 2 / (seeds - 1))
-              if se > 0 else seeds - 1)
-        half = _t_quantile_975(df) * se
-        ci = [diff - half, diff + half]
-    passed = abs(diff) <= margin and (ci is None or (ci[0] >= -margin and ci[1] <= margin))
+    stats = accuracy_equivalence(acc["tf"], acc["torch"], margin)
 
     def sec_per_epoch(histories):
         return float(np.median([row["seconds"] for h in histories for row in h["epochs"]]))
 
     result = {
-        "pass": bool(passed),
-        "tf": {"mean": mean_tf, "std": std_tf, "runs": acc["tf"]},
-        "torch": {"mean": mean_torch, "std": std_torch, "runs": acc["torch"]},
-        "diff": diff, "ci95": ci, "margin": margin, "epochs": epochs, "seeds": seeds, "recipe": recipe.name,
+        **stats, "epochs": epochs, "seeds": seeds, "recipe": recipe.name,
         "seconds_per_epoch": {"tf": sec_per_epoch(runs["tf"]), "torch": sec_per_epoch(runs["torch"])},
     }
     return result, artifacts

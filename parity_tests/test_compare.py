@@ -67,3 +67,27 @@ def test_onnxruntime_column_counts_and_reports_absence(tf, monkeypatch, rng):
     forward = level_forward("lenet_a", x)
     assert forward["pass"] is True and forward["max_abs_diff"]["onnxruntime"] is None
     assert table_rows({"levels": {"forward": forward}})[0][2].endswith("onnxruntime not installed")
+
+
+@pytest.mark.parametrize("tf_runs, torch_runs", [
+    ([0.9929, 0.9930, 0.9934], [0.9929, 0.9916, 0.9935]),
+    ([0.985, 0.987, 0.984, 0.986, 0.9855], [0.983, 0.988, 0.985]),  # unequal run counts
+])
+def test_accuracy_equivalence_is_welchs_interval(tf_runs, torch_runs):
+    from scipy import stats
+
+    from parity.compare import accuracy_equivalence
+
+    result = accuracy_equivalence(tf_runs, torch_runs, margin=0.0015)
+    expected = stats.ttest_ind(torch_runs, tf_runs, equal_var=False).confidence_interval(0.95)
+    assert result["ci95"] == pytest.approx([expected.low, expected.high], rel=1e-9)
+    assert result["diff"] == pytest.approx(np.mean(torch_runs) - np.mean(tf_runs))
+    assert result["pass"] is bool(-0.0015 <= expected.low and expected.high <= 0.0015)
+
+
+def test_accuracy_equivalence_with_one_run_tests_the_difference_only():
+    from parity.compare import accuracy_equivalence
+
+    assert accuracy_equivalence([0.990], [0.989], margin=0.0015)["pass"] is True
+    assert accuracy_equivalence([0.990], [0.988], margin=0.0015)["pass"] is False
+    assert accuracy_equivalence([0.990], [0.989], margin=0.0015)["ci95"] is None
