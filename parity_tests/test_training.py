@@ -152,25 +152,25 @@ def test_torch_side_runs_without_tensorflow(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_real_epoch_of_cnn_in_both_frameworks(tf, tmp_path):
-    """Level 4, short form: one epoch of tutorial 001's recipe on all of MNIST, one seed per framework.
+def test_two_real_epochs_of_cnn_in_both_frameworks(tf, tmp_path):
+    """Level 4, short form: two epochs of tutorial 001's recipe on all of MNIST, one seed per framework.
 
-    Both must reach 98.0% test accuracy and be within 0.5 points of each other. Why 98.0 and not the tutorial's
-    98.75%: one-epoch accuracy is a draw from a seed distribution, measured here (RESULTS.md, "one epoch, five
-    seeds") as TF 98.57 +- 0.15% (range 98.33-98.74) and Lightning 98.45 +- 0.22% (range 98.20-98.72). A 98.5%
-    bar sits at the middle of both: the TF reference itself misses it on one seed in five. 98.0% is about two
-    standard deviations under the Lightning mean and 0.2 points under the lowest run of either framework, and a broken port (wrong init, optimizer or
-    scaling) lands far below it (untrained: ~10%; without the optimizer's TF semantics the curves already differ at
-    level 3). Level 3 is the precise check; this one proves the recipe trains end to end in both frameworks.
+    Both must reach 98.5% test accuracy and be within 0.5 points of each other. Why two epochs: accuracy after a
+    short run is a draw from a seed distribution, measured here (RESULTS.md, "short runs, five seeds"). After one
+    epoch it is TF 98.57 +- 0.15% and Lightning 98.45 +- 0.22%: a 98.5% bar sits in the middle of both (the TF
+    reference itself misses it on one seed in five). After two epochs it is TF 98.93 +- 0.11% (98.79-99.09) and
+    Lightning 98.92 +- 0.22% (98.60-99.16): 98.5% is about two standard deviations under both means. A broken port
+    (wrong init, optimizer or scaling) lands far below it (untrained: ~10%). Level 3 is the precise check; this one
+    proves the recipe trains end to end in both frameworks. The two epochs cost about one minute more than one.
     """
     from tf_ref.train import train as train_tf
     from torch_impl.train import train as train_torch
 
-    recipe = recipe_for("cnn").replace(epochs=1)
+    recipe = recipe_for("cnn").replace(epochs=2)
     acc_tf = train_tf("cnn", recipe, seed=0, out=tmp_path, progress=False)["test_acc"]
     acc_torch = train_torch("cnn", recipe, seed=0, out=tmp_path, progress=False)["test_acc"]
-    assert acc_tf >= 0.98, f"TF: {acc_tf:.4f} < 0.98 after one epoch"
-    assert acc_torch >= 0.98, f"torch: {acc_torch:.4f} < 0.98 after one epoch"
+    assert acc_tf >= 0.985, f"TF: {acc_tf:.4f} < 0.985 after two epochs"
+    assert acc_torch >= 0.985, f"torch: {acc_torch:.4f} < 0.985 after two epochs"
     assert abs(acc_tf - acc_torch) <= 0.005, f"TF {acc_tf:.4f} vs torch {acc_torch:.4f}: more than 0.5 points apart"
 
 

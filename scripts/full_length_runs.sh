@@ -7,6 +7,7 @@
 #   bash scripts/full_length_runs.sh OUT_DIR "SEEDS" MODEL...
 #   bash scripts/full_length_runs.sh runs_full "0 1 2" convpool lenet_a
 #   .venv/bin/python scripts/accuracy_table.py runs_full        # the table, mean +- std, Welch CI per model
+#   PARITY_TRAIN_ARGS="--epochs 2" bash scripts/full_length_runs.sh runs_2ep "0 1 2 3 4" cnn   # a shorter recipe
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 OUT_DIR \"SEEDS\" MODEL..." >&2
@@ -29,7 +30,9 @@ for model in "$@"; do
         resume=(--resume)
       fi
       echo "== $(date -u +%FT%TZ) $model $fw seed $seed ${resume[*]:-}"
-      "$parity" train "$model" --framework "$fw" --seed "$seed" --out "$out" --no-progress "${resume[@]}"
+      # shellcheck disable=SC2086  # PARITY_TRAIN_ARGS: extra `parity train` options, word-split on purpose
+      "$parity" train "$model" --framework "$fw" --seed "$seed" --out "$out" --no-progress ${PARITY_TRAIN_ARGS:-} \
+        "${resume[@]}"
     done
   done
 done
