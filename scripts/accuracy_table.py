@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from parity.catalog import get_recipe, get_spec  # noqa: E402
-from parity.compare import accuracy_equivalence  # noqa: E402
+from parity.catalog import get_recipe, get_spec
+from parity.compare import accuracy_equivalence
 
 MARGINS = {"mnist": 0.0015, "fashion_mnist": 0.005}
 
@@ -70,8 +70,8 @@ def _epochs(row: dict, fw: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | recipe | tutorial | TF reference | Lightning port | diff (Lightning - TF), 95% CI | "
-             "verdict | epochs TF / Lightning |",
+    lines = [("| model | recipe | tutorial | TF reference | Lightning port | diff (Lightning - TF), 95% CI | "
+              "verdict | epochs TF / Lightning |"),
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ci = row["ci95"]

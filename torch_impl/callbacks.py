@@ -110,7 +110,6 @@ class RestoreBestWeights(Callback):
         self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
 
 
-
 class KerasProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar showing what Keras's `Progbar` shows: the epoch's running mean loss and accuracy, redrawn
     at most every `interval` seconds (Keras: 0.05 s) and at the end of each epoch.
