@@ -5,10 +5,11 @@
 Reads RUNS_DIR/MODEL/FRAMEWORK/seedS/history.json (as written by `parity train` and
 `scripts/full_length_runs.sh`); a run counts once its history has the final test accuracy. Prints one Markdown row per
 model: the tutorial's number, each framework's mean ± std over its seeds, the difference (Lightning - TF) with its
-Welch 95% confidence interval, the verdict at the dataset's equivalence margin (MNIST 0.15 points, Fashion-MNIST
-0.5; see RESULTS.md) and the epochs run (early stopping: the restored epoch of the epochs run). Seconds per epoch are
-in the JSON only: runs made while the machine did other work do not time the frameworks (BENCHMARKS.md does). With one seed per framework there is no interval: the verdict then tests the difference
-only and says so.
+Welch 95% confidence interval, the verdict at the dataset's equivalence margin (MNIST 0.15 points, Fashion-MNIST 0.5;
+see RESULTS.md) and the epochs run (early stopping: the restored epoch of the epochs run). With one seed per framework
+there is no interval and no verdict: a single run's difference moves by a few tenths of a point from seed to seed.
+Seconds per epoch are in the JSON only: runs made while the machine did other work do not time the frameworks
+(BENCHMARKS.md does).
 """
 
 from __future__ import annotations
@@ -76,9 +77,8 @@ def markdown(rows: list[dict]) -> str:
     for row in rows:
         ci = row["ci95"]
         diff = f"{row['diff'] * 100:+.2f}" + (f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else " (no CI)")
-        verdict = ("PASS" if row["pass"] else "FAIL") + f" at ±{row['margin'] * 100:.2f}"
-        if ci is None:
-            verdict += " (difference only)"
+        verdict = (("PASS" if row["pass"] else "FAIL") + f" at ±{row['margin'] * 100:.2f}" if ci
+                   else "- (needs 2+ seeds each)")
         tutorial = f"{row['tutorial'] * 100:.2f}%" if row["tutorial"] else "-"
         lines.append(
             f"| `{row['model']}` | {row['recipe']} | {tutorial} | {_acc(row['tf'])} | {_acc(row['torch'])} | {diff} | "
