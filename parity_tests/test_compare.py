@@ -91,3 +91,35 @@ def test_accuracy_equivalence_with_one_run_tests_the_difference_only():
     assert accuracy_equivalence([0.990], [0.989], margin=0.0015)["pass"] is True
     assert accuracy_equivalence([0.990], [0.988], margin=0.0015)["pass"] is False
     assert accuracy_equivalence([0.990], [0.989], margin=0.0015)["ci95"] is None
+
+
+def test_accuracy_table_summarizes_finished_runs_only(tmp_path, capsys):
+    """scripts/accuracy_table.py over run directories: finished runs counted, unfinished ones ignored."""
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).parent.parent / "scripts" / "accuracy_table.py"
+    spec = importlib.util.spec_from_file_location("accuracy_table", script)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def write(framework, seed, acc, finished=True):
+        directory = tmp_path / "lenet_a" / framework / f"seed{seed}"
+        directory.mkdir(parents=True)
+        epochs = [{"epoch": e, "val_loss": 1.0 / e if e <= 3 else 0.5, "test_acc": acc, "seconds": 5.0}
+                  for e in range(1, 6)]
+        history = {"model": "lenet_a", "framework": framework, "recipe": {"name": "tut003"}, "seed": seed,
+                   "epochs": epochs, **({"test_acc": acc} if finished else {})}
+        (directory / "history.json").write_text(json.dumps(history))
+
+    write("tf", 0, 0.990)
+    write("tf", 1, 0.992)
+    write("torch", 0, 0.989)
+    write("torch", 1, 0.991)
+    write("torch", 2, 0.5, finished=False)
+    assert table.main([str(tmp_path), "--json", str(tmp_path / "t.json")]) == 0
+    row = json.loads((tmp_path / "t.json").read_text())[0]
+    assert row["torch"]["runs"] == [0.989, 0.991] and row["tf"]["seeds"] == [0, 1]
+    assert row["tf"]["best_epoch"] == [3, 3]  # early-stopping recipe: the epoch of the lowest val_loss
+    assert row["diff"] == pytest.approx(-0.001)
+    assert "| `lenet_a` | tut003 | 98.82% | 99.10 ± 0.14% (2 seeds) | 99.00 ± 0.14% (2 seeds) |" in capsys.readouterr().out
