@@ -193,3 +193,50 @@ def test_restore_best_weights_puts_back_the_best_epoch():
     callback.on_fit_end(trainer, module)
     assert callback.best_epoch == 2
     assert torch.all(module.weight == 1.0), f"expected the weights of epoch 2 (all 1.0), got {module.weight}"
+
+
+def test_restore_best_weights_survives_a_resume():
+    """A run checkpointed after its best epoch and resumed must still end on the best epoch's weights."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from torch_impl.callbacks import RestoreBestWeights
+
+    module = torch.nn.Linear(2, 1)
+    before = RestoreBestWeights(monitor="val_loss")
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={}, current_epoch=0, is_global_zero=True)
+    for epoch, val_loss in enumerate([0.9, 0.5, 0.7]):  # best: epoch 2; the checkpoint is taken after epoch 3
+        with torch.no_grad():
+            module.weight.fill_(float(epoch))
+        trainer.current_epoch, trainer.callback_metrics = epoch, {"val_loss": torch.tensor(val_loss)}
+        before.on_validation_end(trainer, module)
+    after = RestoreBestWeights(monitor="val_loss")  # a new process, restored from the checkpoint
+    after.load_state_dict(torch.load(_saved(before.state_dict()), weights_only=True))
+    with torch.no_grad():
+        module.weight.fill_(3.0)
+    trainer.current_epoch, trainer.callback_metrics = 3, {"val_loss": torch.tensor(0.8)}  # epoch 4: no better
+    after.on_validation_end(trainer, module)
+    after.on_fit_end(trainer, module)
+    assert after.best_epoch == 2
+    assert torch.all(module.weight == 1.0), f"expected the weights of epoch 2 (all 1.0), got {module.weight}"
+
+
+def _saved(obj):
+    """`obj` through torch.save into memory, as a checkpoint stores callback state."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_tf_fit_recipe_refuses_resume_before_touching_the_run(tf, tmp_path):
+    from tf_ref.train import train
+
+    with pytest.raises(ValueError, match="--resume is not available for the tut003 recipe"):
+        train("lenet_a", recipe_for("lenet_a").replace(epochs=1), out=tmp_path, resume=True, progress=False)
+    assert not (tmp_path / "lenet_a").exists()

@@ -75,6 +75,11 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
           limit_train: int | None = None, resume: bool = False, deterministic: bool = False) -> dict:
     """Train `model_name` with `recipe`; returns the history dict (also written to the run directory)."""
     get_spec(model_name)  # an unknown name fails here, listing the valid ones
+    if resume and recipe.loop == "fit":
+        # Before anything is written: a silent restart would overwrite the run it was asked to continue.
+        raise ValueError(f"--resume is not available for the {recipe.name} recipe on the TensorFlow side: Keras's "
+                         "model.fit keeps EarlyStopping's state and the best weights in memory only. Run again "
+                         "without --resume (the run directory is replaced) or with another --out directory.")
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)

@@ -104,10 +104,12 @@ class RestoreBestWeights(Callback):
                 print(f"Restoring model weights from the end of the best epoch: {self.best_epoch}.")
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch}
+        # the weights too: a run resumed after its best epoch must still end on them
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_state": self.best_state}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
+        self.best_state = state_dict.get("best_state")
 
 
 class KerasProgressBar(TQDMProgressBar):
