@@ -23,7 +23,7 @@ for model in "$@"; do
       history="$out/$model/$fw/seed$seed/history.json"
       resume=()
       if [ -f "$history" ]; then
-        if grep -q '"test_acc"' <(python3 -c 'import json,sys; print(list(json.load(open(sys.argv[1]))))' "$history"); then
+        if python3 -c 'import json, sys; sys.exit(0 if "test_acc" in json.load(open(sys.argv[1])) else 1)' "$history"; then
           echo "skip $model $fw seed $seed (finished)"
           continue
         fi
