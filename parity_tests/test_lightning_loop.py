@@ -111,3 +111,44 @@ def test_lightning_cli_trains_with_the_keras_style_bar_unless_the_bar_is_off(tmp
     bar = cli.trainer.progress_bar_callback
     assert (type(bar) if bar is not None else None) is expected
     assert cli.trainer.state.finished
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __len__(self):
+        return 40
+
+    def __getitems__(self, indices):
+        return torch.tensor(indices)
+
+
+class _OrderRecorder(L.LightningModule):
+    """Records the indices of every training batch, per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.orders: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.orders.setdefault(self.current_epoch, []).extend(batch.tolist())
+        return (self.weight * 0).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_training_order_is_reshuffled_every_epoch_under_trainer_fit():
+    """The recipe's shuffle draws a new permutation every epoch (seed + epoch), as Keras and tf.data do: Lightning
+    must reach GlobalBatchSampler.set_epoch (it only looks at `batch_sampler.sampler`)."""
+    from torch_impl.datamodule import GlobalBatchSampler
+
+    sampler = GlobalBatchSampler(40, 8, shuffle=True, seed=3)
+    loader = DataLoader(_Indices(), batch_sampler=sampler, collate_fn=lambda batch: batch)
+    module = _OrderRecorder()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader)
+    for epoch in range(3):
+        expected = torch.randperm(40, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+        assert module.orders[epoch] == expected, f"epoch {epoch} did not use the permutation of seed + epoch"
+    assert module.orders[0] != module.orders[1] != module.orders[2]

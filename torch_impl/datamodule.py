@@ -49,6 +49,16 @@ class InMemoryImages(Dataset):
         return self.images[source], self.labels[source], augment
 
 
+class _EpochHandle:
+    """What Lightning finds at `batch_sampler.sampler`: forwards `set_epoch` to the batch sampler that owns it."""
+
+    def __init__(self, owner: "GlobalBatchSampler"):
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+
 class GlobalBatchSampler(Sampler):
     """The recipe's batches, each split across the processes: with W processes, rank r gets the r-th contiguous
     slice of every global batch, so a DDP run takes exactly the optimizer steps one process takes.
@@ -70,6 +80,9 @@ class GlobalBatchSampler(Sampler):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
+        # Lightning calls `set_epoch` on `dataloader.sampler` and on `dataloader.batch_sampler.sampler` only, never on
+        # the batch sampler itself: without this handle every epoch would replay the first epoch's order.
+        self.sampler = _EpochHandle(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
