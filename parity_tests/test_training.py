@@ -159,7 +159,7 @@ def test_two_real_epochs_of_cnn_in_both_frameworks(tf, tmp_path):
     short run is a draw from a seed distribution, measured here (RESULTS.md, "short runs, five seeds"). After one
     epoch it is TF 98.57 +- 0.15% and Lightning 98.45 +- 0.22%: a 98.5% bar sits in the middle of both (the TF
     reference itself misses it on one seed in five). After two epochs it is TF 98.93 +- 0.11% (98.79-99.09) and
-    Lightning 98.92 +- 0.22% (98.60-99.16): 98.5% is about two standard deviations under both means. A broken port
+    Lightning 99.03 +- 0.07% (98.91-99.10): 98.5% is four standard deviations under the TF mean. A broken port
     (wrong init, optimizer or scaling) lands far below it (untrained: ~10%). Level 3 is the precise check; this one
     proves the recipe trains end to end in both frameworks. The two epochs cost about one minute more than one.
     """
