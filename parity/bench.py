@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -384,7 +385,7 @@ class _LightningWorker(_TorchWorker):
             self.module.to(self.device)
             self.optimizer = self.module.configure_optimizers()
             self.iterator = iter(())
-        self.logdir = tempfile.mkdtemp(prefix="parity-bench-")
+        self.logdir = tempfile.mkdtemp(prefix="parity-bench-")  # in the worker's TMPDIR, which `Worker` removes
 
     def _next(self):
         try:
@@ -466,17 +467,17 @@ def make_worker(setup: dict):
 def _recipe_memory(framework: str, model: str, members: int, steps: int, device: str) -> dict:
     """Train `model` with its recipe on the full data for `steps` batches, then evaluate as after an epoch."""
     recipe = recipe_for(model, members=members).replace(epochs=1)
-    out = tempfile.mkdtemp(prefix="parity-bench-memory-")
-    if framework == "torch":
-        from torch_impl.train import train
+    with tempfile.TemporaryDirectory(prefix="parity-bench-memory-", ignore_cleanup_errors=True) as out:
+        if framework == "torch":
+            from torch_impl.train import train
 
-        train(model, recipe, out=out, progress=False, accelerator="gpu" if device == "cuda" else "cpu",
-              trainer_kwargs={"limit_train_batches": steps})
-    else:
-        _limit_tf_steps(steps)
-        from tf_ref.train import train
+            train(model, recipe, out=out, progress=False, accelerator="gpu" if device == "cuda" else "cpu",
+                  trainer_kwargs={"limit_train_batches": steps})
+        else:
+            _limit_tf_steps(steps)
+            from tf_ref.train import train
 
-        train(model, recipe, out=out, progress=False)
+            train(model, recipe, out=out, progress=False)
     return {"recipe": recipe.name}
 
 
@@ -539,9 +540,13 @@ class Worker:
 
     def __init__(self, name: str, argv: list[str] | None = None):
         self.name = name
-        self.log = tempfile.NamedTemporaryFile(prefix=f"parity-bench-{name}-", suffix=".log", delete=False)
+        # Everything the worker writes to temporary files (the Trainer's loggers, the memory runs' checkpoints,
+        # TensorFlow's autograph sources) goes to a directory of its own, removed by close() even if it crashed.
+        self.tmp = tempfile.mkdtemp(prefix=f"parity-bench-{name}-")
+        self.log = open(Path(self.tmp) / "worker.log", "w+")  # noqa: SIM115 (closed by close())
         root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
+               "TMPDIR": self.tmp}
         argv = argv or [sys.executable, "-m", "parity.bench", "--worker"]
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1, env=env)
@@ -574,7 +579,7 @@ class Worker:
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 self.process.kill()
         self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _hardware() -> dict:
@@ -609,50 +614,52 @@ def measure_group(cells: list[Cell], args, source: str, workers: dict | None = N
     workers = {} if own else workers
     rows = {cell: {**asdict(cell), "label": LABELS[cell.variant], "steps": steps_for(cell.members, args.steps),
                    "status": "ok"} for cell in cells}
-    active = []
-    for cell in cells:
-        key = (cell.framework, cell.variant)
-        if key not in workers:
-            workers[key] = Worker(cell.variant)
-        workers[key].send("setup", cell=asdict(cell), data=source, device=args.device, threads=args.threads)
-    for cell in cells:
-        answer = workers[(cell.framework, cell.variant)].receive()
-        if answer["ok"]:
-            rows[cell].update(base_rss_mb=answer["rss_mb"], threads=answer["threads"])
-            rows[cell]["versions"] = answer["versions"]
-            active.append(cell)
-        else:
-            rows[cell]["status"] = answer["status"]
-    runs: dict[Cell, list[tuple[float, float]]] = {cell: [] for cell in active}
-    for repeat in range(args.repeats):
-        # Alternate, and rotate the order each repeat so that no variant always follows the same one.
-        shift = repeat % max(len(active), 1)
-        for cell in active[shift:] + active[:shift]:
-            if rows[cell]["status"] != "ok":
-                continue
-            steps = steps_for(cell.members, args.steps)
-            answer = workers[(cell.framework, cell.variant)].ask(
-                "run", steps=steps, warmup=steps_for(cell.members, args.warmup) if args.warmup else 0)
+    try:
+        active = []
+        for cell in cells:
+            key = (cell.framework, cell.variant)
+            if key not in workers:
+                workers[key] = Worker(cell.variant)
+            workers[key].send("setup", cell=asdict(cell), data=source, device=args.device, threads=args.threads)
+        for cell in cells:
+            answer = workers[(cell.framework, cell.variant)].receive()
             if answer["ok"]:
-                runs[cell].append((steps * cell.batch / answer["seconds"], answer["cpu_seconds"] / steps))
+                rows[cell].update(base_rss_mb=answer["rss_mb"], threads=answer["threads"])
+                rows[cell]["versions"] = answer["versions"]
+                active.append(cell)
             else:
                 rows[cell]["status"] = answer["status"]
-            time.sleep(0.05)  # let the previous worker's spinning threads go idle
-    for cell in active:
-        stats = workers[(cell.framework, cell.variant)].ask("stats")
-        row = rows[cell]
-        if stats.get("ok"):
-            row.update(peak_rss_mb=stats["peak_rss_mb"], cuda_peak_mb=stats["cuda_peak_mb"],
-                       tf_imported=stats["tf_imported"])
-        ips = [r[0] for r in runs[cell]]
-        if ips and row["status"] == "ok":
-            row.update(images_per_s=_median(ips), images_per_s_runs=ips,
-                       ms_per_step=1000 * cell.batch / _median(ips),
-                       cpu_ms_per_step=1000 * _median([r[1] for r in runs[cell]]))
-    _add_ratios(list(rows.values()), runs, cells)
-    if own:
-        for worker in workers.values():
-            worker.close()
+        runs: dict[Cell, list[tuple[float, float]]] = {cell: [] for cell in active}
+        for repeat in range(args.repeats):
+            # Alternate, and rotate the order each repeat so that no variant always follows the same one.
+            shift = repeat % max(len(active), 1)
+            for cell in active[shift:] + active[:shift]:
+                if rows[cell]["status"] != "ok":
+                    continue
+                steps = steps_for(cell.members, args.steps)
+                answer = workers[(cell.framework, cell.variant)].ask(
+                    "run", steps=steps, warmup=steps_for(cell.members, args.warmup) if args.warmup else 0)
+                if answer["ok"]:
+                    runs[cell].append((steps * cell.batch / answer["seconds"], answer["cpu_seconds"] / steps))
+                else:
+                    rows[cell]["status"] = answer["status"]
+                time.sleep(0.05)  # let the previous worker's spinning threads go idle
+        for cell in active:
+            stats = workers[(cell.framework, cell.variant)].ask("stats")
+            row = rows[cell]
+            if stats.get("ok"):
+                row.update(peak_rss_mb=stats["peak_rss_mb"], cuda_peak_mb=stats["cuda_peak_mb"],
+                           tf_imported=stats["tf_imported"])
+            ips = [r[0] for r in runs[cell]]
+            if ips and row["status"] == "ok":
+                row.update(images_per_s=_median(ips), images_per_s_runs=ips,
+                           ms_per_step=1000 * cell.batch / _median(ips),
+                           cpu_ms_per_step=1000 * _median([r[1] for r in runs[cell]]))
+        _add_ratios(list(rows.values()), runs, cells)
+    finally:  # also on Ctrl-C: no worker process or temporary directory outlives the bench
+        if own:
+            for worker in workers.values():
+                worker.close()
     return list(rows.values())
 
 
@@ -698,9 +705,11 @@ def measure_memory(models: list[tuple[str, int]], frameworks: list[str], steps: 
             row = {"framework": framework, "recipe": recipe.name, "model": model, "members": members,
                    "steps": steps, "status": "ok"}
             worker = Worker(f"memory-{framework}")
-            answer = worker.ask("memory", framework=framework, model=model, members=members, steps=steps,
-                                device=device)
-            worker.close()
+            try:
+                answer = worker.ask("memory", framework=framework, model=model, members=members, steps=steps,
+                                    device=device)
+            finally:
+                worker.close()
             if answer["ok"]:
                 row.update(peak_rss_mb=answer["peak_rss_mb"], base_rss_mb=answer["base_rss_mb"],
                            tf_imported=answer["tf_imported"])
@@ -837,15 +846,17 @@ def cmd_bench(args) -> int:
     if not args.memory_only:
         groups = plan(args)
         shared = {} if args.scale else None  # --scale: one worker per variant for all cells (time, not memory)
-        for group in groups:
-            rows = measure_group(group, args, source, shared)
-            for row in rows:
-                result["versions"].update(row.pop("versions", {}))
-            result["rows"] += rows
-            print(format_rows(rows), flush=True)
-            print(flush=True)
-        for worker in (shared or {}).values():
-            worker.close()
+        try:
+            for group in groups:
+                rows = measure_group(group, args, source, shared)
+                for row in rows:
+                    result["versions"].update(row.pop("versions", {}))
+                result["rows"] += rows
+                print(format_rows(rows), flush=True)
+                print(flush=True)
+        finally:
+            for worker in (shared or {}).values():
+                worker.close()
         result["lightning_overhead"] = lightning_overhead(result["rows"])
         if result["lightning_overhead"]:
             print(format_overhead(result["lightning_overhead"]))

@@ -4,6 +4,7 @@ speed lives in BENCHMARKS.md, not in assertions)."""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 
@@ -26,9 +27,14 @@ def test_unknown_variant_is_an_error_that_lists_the_valid_ones(capsys):
     assert "warp_speed" in err and "channels_last" in err
 
 
-def test_bench_runs_every_default_variant_on_a_tiny_budget(tf, tmp_path, capsys):
+def test_bench_runs_every_default_variant_on_a_tiny_budget(tf, tmp_path, capsys, monkeypatch):
     """Both frameworks, every default variant of a single model and of an ensemble, one timed step each, plus the
-    memory table for one recipe: every row is measured (status ok) and the JSON has the documented fields."""
+    memory table for one recipe: every row is measured (status ok) and the JSON has the documented fields, and no
+    temporary file or directory of the bench or its workers is left behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
     out = tmp_path / "bench.json"
     status = main(["bench", "--models", "lenet_a,cnn:2", "--batch-sizes", "32", "--steps", "1", "--repeats", "1",
                    "--warmup", "1", "--threads", "1", "--data", "synthetic", "--memory", "--memory-models",
@@ -55,6 +61,7 @@ def test_bench_runs_every_default_variant_on_a_tiny_budget(tf, tmp_path, capsys)
     assert memory["status"] == "ok" and memory["recipe"] == "tut003" and memory["peak_rss_mb"] > memory["base_rss_mb"]
     assert {r["framework"] for r in result["memory"]} == {"tf", "torch"}
     assert "images/s" in printed and "Lightning overhead" in printed and "Peak resident memory" in printed
+    assert list(scratch.iterdir()) == []
 
 
 def test_torch_only_bench_never_imports_tensorflow(tmp_path):
