@@ -123,3 +123,47 @@ def test_accuracy_table_summarizes_finished_runs_only(tmp_path, capsys):
     assert row["tf"]["best_epoch"] == [3, 3]  # early-stopping recipe: the epoch of the lowest val_loss
     assert row["diff"] == pytest.approx(-0.001)
     assert "| `lenet_a` | tut003 | 98.82% | 99.10 ± 0.14% (2 seeds) | 99.00 ± 0.14% (2 seeds) |" in capsys.readouterr().out
+
+
+def test_full_length_runs_skips_resumes_and_restarts(tmp_path):
+    """scripts/full_length_runs.sh with a stand-in `parity` that records its arguments: a finished run is skipped,
+    an interrupted one resumed, and an interrupted TF model.fit run (not resumable) started over with its partial
+    directory kept aside."""
+    import os
+    import pathlib
+    import subprocess
+
+    script = pathlib.Path(__file__).parent.parent / "scripts" / "full_length_runs.sh"
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "parity"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    stub.chmod(0o755)
+    out = tmp_path / "runs"
+
+    def write(model, framework, loop, finished):
+        directory = out / model / framework / "seed0"
+        directory.mkdir(parents=True)
+        history = {"recipe": {"loop": loop}, "epochs": [{"epoch": 1}], **({"test_acc": 0.99} if finished else {})}
+        (directory / "history.json").write_text(json.dumps(history))
+
+    write("lenet_a", "tf", "fit", finished=False)  # tutorial 003 on TF: cannot resume
+    write("lenet_a", "torch", "fit", finished=False)
+    write("cnn", "tf", "tape", finished=True)
+    write("cnn", "torch", "tape", finished=False)
+    result = subprocess.run(["bash", str(script), str(out), "0 1", "lenet_a", "cnn"], env={"PARITY": str(stub),
+                            "PATH": os.environ["PATH"]}, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = calls.read_text().splitlines()
+    common = f"--out {out} --no-progress"
+    assert lines == [
+        f"train lenet_a --framework tf --seed 0 {common}",
+        f"train lenet_a --framework torch --seed 0 {common} --resume",
+        f"train lenet_a --framework tf --seed 1 {common}",
+        f"train lenet_a --framework torch --seed 1 {common}",
+        f"train cnn --framework torch --seed 0 {common} --resume",
+        f"train cnn --framework tf --seed 1 {common}",
+        f"train cnn --framework torch --seed 1 {common}",
+    ]
+    assert "skip cnn tf seed 0 (finished)" in result.stdout
+    (kept,) = (out / "lenet_a" / "tf").glob("seed0.interrupted-*")
+    assert (kept / "history.json").exists() and not (out / "lenet_a" / "tf" / "seed0").exists()
