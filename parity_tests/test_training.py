@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -234,9 +235,70 @@ def _saved(obj):
     return buffer
 
 
-def test_tf_fit_recipe_refuses_resume_before_touching_the_run(tf, tmp_path):
+def test_tf_fit_run_resumes(tf, tmp_path):
+    """Tutorial 003's `model.fit` recipe resumes from its last epoch, as the GradientTape loops do."""
     from tf_ref.train import train
 
-    with pytest.raises(ValueError, match="--resume is not available for the tut003 recipe"):
-        train("lenet_a", recipe_for("lenet_a").replace(epochs=1), out=tmp_path, resume=True, progress=False)
-    assert not (tmp_path / "lenet_a").exists()
+    recipe = recipe_for("lenet_a").replace(epochs=1)
+    train("lenet_a", recipe, out=tmp_path, progress=False, limit_train=64)
+    history = train("lenet_a", recipe.replace(epochs=2), out=tmp_path, progress=False, limit_train=64, resume=True)
+    assert [row["epoch"] for row in history["epochs"]] == [1, 2], history["epochs"]
+    assert "test_acc" in history
+
+
+def test_tf_early_stopping_survives_a_resume(tf, tmp_path):
+    """The TF twin of the test above: a `model.fit` run checkpointed after its best epoch and resumed in a new
+    process keeps EarlyStopping's patience count and still ends on the best epoch's weights."""
+    import keras
+
+    from tf_ref.train import _FitCheckpoint
+
+    def fresh():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer="rmsprop", loss="mse")
+        model.optimizer.build(model.trainable_variables)  # as model.fit does
+        stopping = keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)
+        checkpoint = _FitCheckpoint(tmp_path / "resume", stopping)
+        for callback in (stopping, checkpoint):
+            callback.set_model(model)
+        return model, stopping, checkpoint
+
+    def epoch_end(model, callbacks, epoch, val_loss):
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, {"val_loss": val_loss})
+
+    model, stopping, checkpoint = fresh()
+    stopping.on_train_begin(), checkpoint.on_train_begin()
+    for epoch, val_loss in enumerate([0.9, 0.5, 0.7]):  # best: epoch 2; the last checkpoint is after epoch 3
+        model.set_weights([np.full((2, 1), float(epoch), "float32"), np.zeros(1, "float32")])
+        epoch_end(model, (stopping, checkpoint), epoch, val_loss)
+
+    model, stopping, checkpoint = fresh()  # a new process
+    assert checkpoint.restore(model) == 3
+    np.testing.assert_array_equal(model.get_weights()[0], 2.0)  # the last epoch's weights
+    stopping.on_train_begin(), checkpoint.on_train_begin()
+    assert (stopping.wait, stopping.best_epoch, stopping.best) == (1, 1, 0.5)
+    model.set_weights([np.full((2, 1), 3.0, "float32"), np.zeros(1, "float32")])
+    epoch_end(model, (stopping, checkpoint), 3, 0.8)  # epoch 4: no better; patience 2 is used up
+    assert model.stop_training
+    stopping.on_train_end()
+    np.testing.assert_array_equal(model.get_weights()[0], 1.0)  # the weights of epoch 2
+
+
+def test_tf_fit_resume_refuses_a_checkpoint_of_another_model(tf, tmp_path):
+    """Resuming a run directory written by another architecture is a clear error, not a partial load."""
+    import keras
+
+    from tf_ref.train import _FitCheckpoint
+
+    def model_with(units):
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(units)])
+        model.compile(optimizer="rmsprop", loss="mse")
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    saved = _FitCheckpoint(tmp_path / "resume", None)
+    saved.set_model(model_with(1))
+    saved.on_epoch_end(0)
+    with pytest.raises(ValueError, match="cannot resume from .*resume"):
+        _FitCheckpoint(tmp_path / "resume", None).restore(model_with(3))

@@ -2,9 +2,7 @@
 # Full-length runs of the tutorials' recipes in both frameworks, one process per run, for RESULTS.md.
 # Each run is `parity train MODEL --framework FW --seed S` with the model's own recipe (its epochs, batch, optimizer,
 # early stopping). A finished run (its history.json has the final test accuracy) is skipped and an interrupted one is
-# resumed from its last checkpoint, so the script can be stopped and started again. The one recipe TensorFlow cannot
-# resume (tutorial 003's model.fit: EarlyStopping's state lives in memory) starts over; its partial run is kept
-# beside it as seed<S>.interrupted-<time>.
+# resumed from its last checkpoint, so the script can be stopped and started again.
 #
 #   bash scripts/full_length_runs.sh OUT_DIR "SEEDS" MODEL...
 #   bash scripts/full_length_runs.sh runs_full "0 1 2" convpool lenet_a
@@ -22,19 +20,14 @@ parity=${PARITY:-.venv/bin/parity}
 for model in "$@"; do
   for seed in $seeds; do
     for fw in tf torch; do
-      run="$out/$model/$fw/seed$seed"
+      history="$out/$model/$fw/seed$seed/history.json"
       resume=()
-      if [ -f "$run/history.json" ]; then
-        # prints "finished", "resume" or "restart" (an unfinished run of a recipe this framework cannot resume)
-        state=$(python3 -c 'import json, sys
-h = json.load(open(sys.argv[1]))
-print("finished" if "test_acc" in h else "restart" if sys.argv[2] == "tf" and h["recipe"]["loop"] == "fit" else "resume")
-' "$run/history.json" "$fw")
-        case $state in
-          finished) echo "skip $model $fw seed $seed (finished)"; continue ;;
-          restart) mv "$run" "$run.interrupted-$(date -u +%Y%m%dT%H%M%SZ)" ;;
-          *) resume=(--resume) ;;
-        esac
+      if [ -f "$history" ]; then
+        if python3 -c 'import json, sys; sys.exit(0 if "test_acc" in json.load(open(sys.argv[1])) else 1)' "$history"; then
+          echo "skip $model $fw seed $seed (finished)"
+          continue
+        fi
+        resume=(--resume)
       fi
       echo "== $(date -u +%FT%TZ) $model $fw seed $seed ${resume[*]:-}"
       # shellcheck disable=SC2086  # PARITY_TRAIN_ARGS: extra `parity train` options, word-split on purpose

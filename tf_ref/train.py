@@ -14,7 +14,10 @@ Every run writes the history file, TensorBoard scalars and checkpoints described
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -75,11 +78,6 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
           limit_train: int | None = None, resume: bool = False, deterministic: bool = False) -> dict:
     """Train `model_name` with `recipe`; returns the history dict (also written to the run directory)."""
     get_spec(model_name)  # an unknown name fails here, listing the valid ones
-    if resume and recipe.loop == "fit":
-        # Before anything is written: a silent restart would overwrite the run it was asked to continue.
-        raise ValueError(f"--resume is not available for the {recipe.name} recipe on the TensorFlow side: Keras's "
-                         "model.fit keeps EarlyStopping's state and the best weights in memory only. Run again "
-                         "without --resume (the run directory is replaced) or with another --out directory.")
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)
@@ -87,7 +85,7 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
     history = History(directory, model_name, "tf", recipe, seed)
     split, x_train, y_train = _load(recipe, seed, data_dir, limit_train)
     if recipe.loop == "fit":
-        return _train_fit(model_name, recipe, split, x_train, y_train, directory, history, seed, progress)
+        return _train_fit(model_name, recipe, split, x_train, y_train, directory, history, seed, progress, resume)
 
     members = [build_member(model_name, seed=seed + i) for i in range(recipe.members)]
     n_batches = len(x_train) // recipe.batch_size if recipe.drop_last else -(-len(x_train) // recipe.batch_size)
@@ -103,8 +101,6 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         previous = directory / "history.json"
         if previous.exists():
-            import json
-
             history.epochs = [r for r in json.loads(previous.read_text())["epochs"] if r["epoch"] <= int(epoch_var)]
 
     def loss_fn(logits, labels):
@@ -224,7 +220,68 @@ class _HistoryCallback(keras.callbacks.Callback):
         _tb_write(self.writer, row)
 
 
-def _train_fit(model_name, recipe, split, x_train, y_train, directory: Path, history: History, seed, progress):
+class _FitCheckpoint(keras.callbacks.Callback):
+    """Checkpoint and resume for `model.fit`: after every epoch, the model with its optimizer (`save_weights`),
+    the epoch, and EarlyStopping's state with its best weights, written together and swapped in as one directory
+    so that they always belong to the same epoch. Keras's `BackupAndRestore` keeps the first two only: a resumed
+    run would forget its best epoch and restore the wrong weights at the end. List it after the EarlyStopping."""
+
+    def __init__(self, directory: Path, early_stopping: keras.callbacks.EarlyStopping | None):
+        super().__init__()
+        self.directory, self.early_stopping = Path(directory), early_stopping
+        self._restored_state: dict | None = None
+
+    def restore(self, model: keras.Model) -> int:
+        """Load the last checkpoint into `model` (compiled); returns the epoch to start from (0: none saved)."""
+        if not (self.directory / "state.json").exists():
+            return 0
+        model.optimizer.build(model.trainable_variables)  # its variables must exist to receive the saved ones
+        with warnings.catch_warnings():  # Keras only warns when it skips the optimizer's state: resume wrongly
+            warnings.filterwarnings("error", message="Skipping variable loading")
+            try:
+                model.load_weights(self.directory / "model.weights.h5")
+            except (UserWarning, ValueError) as error:
+                raise ValueError(f"cannot resume from {self.directory}: {error}. Was the run directory written by "
+                                 "another model or recipe? Use another --out, or run without --resume.") from None
+        self._restored_state = json.loads((self.directory / "state.json").read_text())
+        return self._restored_state["epoch"]
+
+    def on_train_begin(self, logs=None):  # after EarlyStopping.on_train_begin, which resets its state
+        stopping, state = self.early_stopping, (self._restored_state or {}).get("early_stopping")
+        if stopping is None or state is None:
+            return
+        stopping.wait, stopping.best = state["wait"], state["best"]
+        stopping.best_epoch, stopping.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
+        best = self.directory / "best_weights.npz"
+        if best.exists():
+            with np.load(best) as arrays:
+                stopping.best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+    def on_epoch_end(self, epoch, logs=None):
+
+        staging = self.directory.with_name(self.directory.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self.model.save_weights(staging / "model.weights.h5")
+        state: dict = {"epoch": epoch + 1}
+        stopping = self.early_stopping
+        if stopping is not None:
+            state["early_stopping"] = {"wait": stopping.wait, "best_epoch": stopping.best_epoch,
+                                       "stopped_epoch": stopping.stopped_epoch,
+                                       "best": None if stopping.best is None else float(stopping.best)}
+            if stopping.best_weights is not None:
+                np.savez(staging / "best_weights.npz", *stopping.best_weights)
+        (staging / "state.json").write_text(json.dumps(state))
+        previous = self.directory.with_name(self.directory.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if self.directory.exists():
+            self.directory.rename(previous)
+        staging.rename(self.directory)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _train_fit(model_name, recipe, split, x_train, y_train, directory: Path, history: History, seed, progress,
+               resume: bool = False):
     from tf_ref.models import build_model
 
     model = build_model(model_name, seed=seed)
@@ -233,18 +290,26 @@ def _train_fit(model_name, recipe, split, x_train, y_train, directory: Path, his
     x_val, x_test = prepare(split.x_val, recipe.scale), prepare(split.x_test, recipe.scale)
     y_val, y_test = split.y_val.astype(np.int64), split.y_test.astype(np.int64)
     writer = tf.summary.create_file_writer(str(directory / "tensorboard"))
+    stopping = None
+    if recipe.early_stopping_patience:
+        stopping = keras.callbacks.EarlyStopping(patience=recipe.early_stopping_patience, restore_best_weights=True)
+    checkpoint = _FitCheckpoint(directory / "checkpoints" / "resume", stopping)
+    initial_epoch = checkpoint.restore(model) if resume else 0
+    if initial_epoch:
+        previous = directory / "history.json"
+        if previous.exists():
+            history.epochs = [r for r in json.loads(previous.read_text())["epochs"] if r["epoch"] <= initial_epoch]
     callbacks = [
         keras.callbacks.TensorBoard(str(directory / "tensorboard" / "keras")),
         _HistoryCallback(history, writer, x_test, y_test, progress),
         keras.callbacks.ModelCheckpoint(str(directory / "checkpoints" / "last.weights.h5"), save_weights_only=True),
+        *([stopping] if stopping else []),
+        checkpoint,
     ]
-    if recipe.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(patience=recipe.early_stopping_patience,
-                                                       restore_best_weights=True))
     (directory / "checkpoints").mkdir(exist_ok=True)
     started = time.perf_counter()
     model.fit(prepare(x_train, recipe.scale), y_train.astype(np.int64), batch_size=recipe.batch_size,
-              epochs=recipe.epochs, validation_data=(x_val, y_val), callbacks=callbacks,
+              epochs=recipe.epochs, initial_epoch=initial_epoch, validation_data=(x_val, y_val), callbacks=callbacks,
               verbose=1 if progress else 0, shuffle=recipe.shuffle)
     test_loss, test_acc = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
     model.save(directory / "checkpoints" / "best.keras")
