@@ -302,3 +302,23 @@ def test_tf_fit_resume_refuses_a_checkpoint_of_another_model(tf, tmp_path):
     saved.on_epoch_end(0)
     with pytest.raises(ValueError, match="cannot resume from .*resume"):
         _FitCheckpoint(tmp_path / "resume", None).restore(model_with(3))
+
+def test_tf_summaries_work_after_a_torch_run_in_the_same_process(tf, tmp_path):
+    """A torch run switches tensorboard to its TF-free writer; TensorFlow imported later in the same process (a
+    user's script, a test session) must still write its summaries."""
+    code = (
+        "import sys\n"
+        "from torch_impl.cpu_tuning import tensorboard_without_tensorflow\n"
+        "assert tensorboard_without_tensorflow()\n"
+        "from torch.utils.tensorboard import SummaryWriter\n"
+        f"w = SummaryWriter({str(tmp_path / 'torch')!r}); w.add_scalar('a', 1.0, 1); w.close()\n"
+        "import tf_ref\n"
+        "import tensorflow as tf\n"
+        "from tf_ref.train import _tb_write\n"
+        f"writer = tf.summary.create_file_writer({str(tmp_path / 'tf')!r})\n"
+        "_tb_write(writer, {'epoch': 1, 'train_loss': 0.5})\n"
+        "writer.flush()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any((tmp_path / "tf").rglob("events.out.tfevents*"))
