@@ -43,3 +43,24 @@ def test_online_rotation_keeps_shape_and_background():
     assert out.shape == x.shape
     assert torch.allclose(out[:, :, 0, 0], torch.full((4, 1), 0.25)), "corners must be the median background"
     assert not torch.allclose(out, x)
+
+
+@pytest.mark.parametrize(("degrees", "shift"), [(15, (-2, 1)), (-11, (1, -2)), (7, (0, 0))])
+def test_online_rotate_then_shift_matches_ndimage(degrees, shift):
+    """The tutorial rotates, then shifts (`ndimage.shift(ndimage.rotate(img, a, reshape=False), s)`): on an
+    off-centre blob the content's centroid lands where ndimage puts it. A shift applied before the rotation
+    lands up to ~0.6 px away at 15 degrees; the two bilinear resamplings differ by far less than 0.05 px."""
+    from scipy import ndimage
+
+    from torch_impl.augment import rotate_shift
+
+    rows, cols = np.mgrid[0:28, 0:28]
+    image = np.exp(-((rows - 7.0) ** 2 + (cols - 19.0) ** 2) / 8.0).astype(np.float32)  # zero background
+    expected = ndimage.shift(ndimage.rotate(image, degrees, reshape=False, order=1), shift, order=1)
+    out = rotate_shift(torch.from_numpy(image)[None, None], torch.tensor([degrees]), torch.tensor([shift]))[0, 0]
+
+    def centroid(a):
+        a = np.asarray(a, dtype=np.float64)
+        return np.array([(a * rows).sum(), (a * cols).sum()]) / a.sum()
+
+    np.testing.assert_allclose(centroid(out.numpy()), centroid(expected), atol=0.05)
