@@ -142,3 +142,23 @@ def test_member_parallel_assembles_the_ensemble(tmp_path):
         first = singles[0](x)
     assert not torch.allclose(first, singles[1](x))  # members have their own seeds
     assert "member0_test_acc" in result.stdout and "final test accuracy" in result.stdout
+
+
+def test_member_parallel_rerun_assembles_the_new_members(tmp_path):
+    """Training the members again in the same directory (no --resume) replaces the previous run: no versioned
+    `last-v1.ckpt` beside the old `last.ckpt`, and the ensemble is assembled from the new members' final weights."""
+    from parity.catalog import recipe_for
+    from torch_impl.train import train_member_parallel
+
+    recipe = recipe_for("cnn_ensemble3").replace(members=2)
+    train_member_parallel("cnn_ensemble3", recipe.replace(epochs=1), out=tmp_path, progress=False,
+                          limit_train=200, accelerator="cpu")
+    result = train_member_parallel("cnn_ensemble3", recipe.replace(epochs=2), out=tmp_path, progress=False,
+                                   limit_train=200, accelerator="cpu")
+    members = tmp_path / "cnn_ensemble3" / "torch" / "seed0" / "members"
+    for k, member in enumerate(result["models"][0].members):
+        checkpoints = members / f"member{k}" / "checkpoints"
+        assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch000.ckpt", "epoch001.ckpt", "last.ckpt"]
+        second_epoch = torch.load(checkpoints / "epoch001.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+        for name, tensor in member.state_dict().items():
+            torch.testing.assert_close(tensor, second_epoch[f"model.members.0.{name}"], rtol=0, atol=0)

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from torch_impl.callbacks import KerasProgressBar
+from torch_impl.callbacks import EpochSeed, KerasProgressBar
 from torch_impl.lightning_module import ClassifierModule
 
 
@@ -111,6 +111,8 @@ def test_lightning_cli_trains_with_the_keras_style_bar_unless_the_bar_is_off(tmp
     bar = cli.trainer.progress_bar_callback
     assert (type(bar) if bar is not None else None) is expected
     assert cli.trainer.state.finished
+    (seeding,) = [c for c in cli.trainer.callbacks if isinstance(c, EpochSeed)]  # from the config's seed_everything
+    assert seeding.seed == cli.config.fit.seed_everything
 
 
 class _Indices(torch.utils.data.Dataset):

@@ -322,3 +322,46 @@ def test_tf_summaries_work_after_a_torch_run_in_the_same_process(tf, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any((tmp_path / "tf").rglob("events.out.tfevents*"))
+
+
+def test_epoch_seed_differs_per_rank_and_epoch_and_repeats_on_resume():
+    """Under DDP every process is seeded alike: without `EpochSeed` the ranks would draw the same dropout masks
+    and augmentations for their shares of a batch, and a resumed run would replay its first epoch's draws."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from torch_impl.callbacks import EpochSeed
+
+    def draws(epoch, rank):
+        torch.manual_seed(123)  # whatever state the process is in
+        EpochSeed(seed=0).on_train_epoch_start(SimpleNamespace(current_epoch=epoch, global_rank=rank), None)
+        return torch.rand(4)
+
+    untouched = draws(0, 0)
+    torch.manual_seed(123)
+    assert torch.equal(untouched, torch.rand(4)), "rank 0's first epoch must keep seed_everything's stream"
+    seeded = {(e, r): draws(e, r) for e in (0, 1, 2) for r in (0, 1)}
+    keys = list(seeded)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert not torch.equal(seeded[a], seeded[b]), f"epoch/rank {a} and {b} draw the same numbers"
+    assert torch.equal(draws(1, 1), seeded[(1, 1)])  # a resumed epoch draws what it drew the first time
+
+
+def test_torch_resume_continues_the_same_run_with_dropout(tmp_path):
+    """`cnn` has Dropout(0.4): two epochs in one go and one epoch + a resumed one end on the same weights (same
+    data order, optimizer state and random draws)."""
+    import torch
+
+    from torch_impl.train import train
+
+    recipe = recipe_for("cnn").replace(epochs=2)
+    straight = train("cnn", recipe, out=tmp_path / "straight", progress=False, limit_train=300, deterministic=True)
+    train("cnn", recipe.replace(epochs=1), out=tmp_path / "resumed", progress=False, limit_train=300,
+          deterministic=True)
+    resumed = train("cnn", recipe, out=tmp_path / "resumed", progress=False, limit_train=300, deterministic=True,
+                    resume=True)
+    assert [row["epoch"] for row in resumed["epochs"]] == [1, 2]
+    for (name, a), b in zip(straight["models"][0].state_dict().items(), resumed["models"][0].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")

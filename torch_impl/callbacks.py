@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from parity.runs import TB_TAGS, History
@@ -72,6 +74,34 @@ class HistoryWriter(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history.epochs = list(state_dict.get("epochs", []))  # a resumed run keeps its earlier epochs
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of torch's generators for `epoch` (0-based) on process `rank`; (0, 0) is `seed` itself."""
+    if epoch == 0 and rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+class EpochSeed(Callback):
+    """Dropout masks and online augmentation drawn per process and per epoch, as the data order is.
+
+    Lightning seeds every process with the same seed: under DDP each rank would draw the same dropout masks and
+    augmentations for its share of the global batch (B images, B / W distinct masks), and a resumed run would
+    replay the random stream of its first epoch. At the start of every epoch, torch's generators are seeded with
+    `epoch_seed(seed, epoch, global_rank)`, except on the first epoch of rank 0, which keeps the stream that
+    `seed_everything(seed)` started. (The datamodule's loaders draw from generators of their own, so the stream
+    an epoch sees does not depend on how many loaders were iterated before it.)
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch, rank = trainer.current_epoch, trainer.global_rank
+        if epoch or rank:
+            torch.manual_seed(epoch_seed(self.seed, epoch, rank))
 
 
 class RestoreBestWeights(Callback):

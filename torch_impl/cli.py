@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from torch_impl.callbacks import KerasProgressBar
+from torch_impl.callbacks import EpochSeed, KerasProgressBar
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.lightning_module import ClassifierModule
@@ -20,14 +20,19 @@ from torch_impl.lightning_module import ClassifierModule
 
 class ParityCLI(LightningCLI):
     """LightningCLI whose Trainer shows `KerasProgressBar` (the epoch's running loss and accuracy, redrawn on a
-    timer) unless the config names its own progress bar or sets `trainer.enable_progress_bar: false`."""
+    timer) unless the config names its own progress bar or sets `trainer.enable_progress_bar: false`, and seeds
+    dropout and augmentation per process and epoch (`EpochSeed`) from `seed_everything`."""
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         callbacks = kwargs.get("callbacks", config.get("callbacks")) or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [KerasProgressBar(), *callbacks]
+            callbacks = [KerasProgressBar(), *callbacks]
+        seed = self._get(self.config, "seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not any(isinstance(c, EpochSeed) for c in callbacks):
+            callbacks = [*callbacks, EpochSeed(seed)]  # per-rank, per-epoch dropout and augmentation draws
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 

@@ -161,7 +161,11 @@ class MNISTDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=self.hparams.seed,
                                      drop_last=drop_last, rank=rank, world_size=world)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=self.hparams.num_workers)
+        # A generator of its own: a DataLoader otherwise draws its workers' base seed from torch's global generator
+        # each time it is iterated, shifting the dropout and augmentation draws by whatever loaders ran before
+        # (an evaluation, a resumed run's restart) and making a resumed run draw differently from an unbroken one.
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=self.hparams.num_workers,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, self.hparams.shuffle, self.hparams.drop_last)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from parity.catalog import Recipe, get_spec
 from parity.runs import History, run_dir
-from torch_impl.callbacks import HistoryWriter, KerasProgressBar, RestoreBestWeights
+from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar, RestoreBestWeights
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.distributed import KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank
@@ -85,6 +86,7 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
     callbacks = [
         *([KerasProgressBar()] if progress else []),
         history,
+        EpochSeed(seed),
         ModelCheckpoint(dirpath=directory / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
                         save_last=True, save_top_k=-1 if recipe.epochs <= 20 else 3,
                         monitor=None if recipe.epochs <= 20 else "test_acc", mode="max"),
@@ -117,6 +119,11 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
         **(trainer_kwargs or {}),
     )
     ckpt_path = "last" if resume and (directory / "checkpoints" / "last.ckpt").exists() else None
+    if ckpt_path is None and (directory / "checkpoints").exists():
+        # A new run replaces the one in this directory (as the TF side does). Left in place, Lightning would write
+        # the new checkpoints beside the old ones as last-v1.ckpt, ..., and a later --resume would pick up the old
+        # run's last.ckpt. Every process gets here before any of them can write (they first join the group).
+        shutil.rmtree(directory / "checkpoints")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - started
@@ -141,8 +148,8 @@ def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out
                           augment: str | None = None, accelerator: str = "auto", devices: int = 1,
                           num_nodes: int = 1) -> dict:
     """Each process trains its share of the members (member k on rank k % world size), each on the full data with
-    its own optimizer and seed (`seed + k`); rank 0 then assembles the ensemble from the members' last
-    checkpoints into `checkpoints/ensemble.ckpt` and evaluates it.
+    its own optimizer and seed (`seed + k`); rank 0 then assembles the ensemble from the members' final
+    weights into `checkpoints/ensemble.ckpt` and evaluates it.
 
     Under torchrun or srun every launched process takes its share; otherwise this spawns `devices` local
     processes. The members do not share an optimizer (the tutorial's shared step counter couples them), so this
@@ -195,8 +202,10 @@ def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory:
         (target / "done").unlink(missing_ok=True)
         kw = dict(kwargs, seed=kwargs["seed"] + k)
         devices = [local_rank] if torch.cuda.is_available() and kwargs["accelerator"] != "cpu" else 1
-        _fit(member_name, member_recipe, target, resume=False, devices=devices, num_nodes=1, ensemble_mode="loop",
-             trainer_kwargs=None, **kw)
+        result = _fit(member_name, member_recipe, target, resume=False, devices=devices, num_nodes=1,
+                      ensemble_mode="loop", trainer_kwargs=None, **kw)
+        # the member as its run ended (for 003: the best epoch's weights, restored after the last checkpoint)
+        torch.save(result["models"][0].state_dict(), target / "final.pt")
         (target / "done").write_text("ok\n")
 
 
@@ -211,14 +220,14 @@ def _wait_for_members(directory: Path, members: int, poll_seconds: float = 5.0) 
 
 def assemble_members(model_name: str, recipe: Recipe, directory: Path, *, seed: int = 0, data_dir=None,
                      accelerator: str = "auto", train_seconds: float = float("nan")) -> dict:
-    """The ensemble `ClassifierModule` from the members' `last.ckpt` files, evaluated on the test set and saved
-    as `checkpoints/ensemble.ckpt` (it loads with `ClassifierModule.load_from_checkpoint`)."""
+    """The ensemble `ClassifierModule` from the members' final weights (`members/member<k>/final.pt`), evaluated on
+    the test set and saved as `checkpoints/ensemble.ckpt` (it loads with `ClassifierModule.load_from_checkpoint`)."""
     module, datamodule = build(model_name, recipe, seed=seed, data_dir=data_dir)
     for k, member in enumerate(module.members):
-        path = _member_dir(directory, k) / "checkpoints" / "last.ckpt"
+        path = _member_dir(directory, k) / "final.pt"
         if not path.exists():
-            raise FileNotFoundError(f"member {k} has no checkpoint at {path}; train it first (its rank failed?)")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            raise FileNotFoundError(f"member {k} has no final weights at {path}; train it first (its rank failed?)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
         prefix = "model.members.0."
         member.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
