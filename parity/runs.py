@@ -34,6 +34,21 @@ TB_TAGS = {
 }
 
 
+def derived_seed(seed: int, *keys: int) -> int:
+    """A seed for the stream `keys` (a member index, an epoch and rank, ...) of run `seed`, independent of every
+    other run's and stream's (numpy's SeedSequence hashing). `seed + i` would not be: run 0's member 1 would be
+    run 1's member 0."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+def member_seed(seed: int, member: int) -> int:
+    """The initialization seed of ensemble member `member` in run `seed`; member 0 (and a single model) keeps
+    `seed` itself."""
+    return seed if member == 0 else derived_seed(seed, member)
+
+
 def default_out_dir() -> Path:
     return Path(os.environ.get("PARITY_RUNS_DIR", "runs"))
 

@@ -365,3 +365,13 @@ def test_torch_resume_continues_the_same_run_with_dropout(tmp_path):
     assert [row["epoch"] for row in resumed["epochs"]] == [1, 2]
     for (name, a), b in zip(straight["models"][0].state_dict().items(), resumed["models"][0].state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_runs_of_different_seeds_share_no_member_initialization():
+    """`seed + i` gave run 0's member 1 the init of run 1's member 0 (4 of 5 members shared between consecutive
+    runs of the best recipe), so runs over seeds were not independent samples."""
+    from parity.runs import member_seed
+
+    seeds = {(run, member): member_seed(run, member) for run in range(10) for member in range(5)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(member_seed(run, 0) == run for run in range(10))  # a single model's init seed is the run's seed

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from parity import data as pdata
 from parity.catalog import Recipe, get_spec
-from parity.runs import TB_TAGS, History, run_dir
+from parity.runs import TB_TAGS, History, member_seed, run_dir
 from tf_ref.models import build_member
 
 
@@ -87,7 +87,7 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
     if recipe.loop == "fit":
         return _train_fit(model_name, recipe, split, x_train, y_train, directory, history, seed, progress, resume)
 
-    members = [build_member(model_name, seed=seed + i) for i in range(recipe.members)]
+    members = [build_member(model_name, seed=member_seed(seed, i)) for i in range(recipe.members)]
     n_batches = len(x_train) // recipe.batch_size if recipe.drop_last else -(-len(x_train) // recipe.batch_size)
     optimizer = make_optimizer(recipe, n_batches)
     variables = [v for m in members for v in m.trainable_variables]

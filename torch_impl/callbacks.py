@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
-from parity.runs import TB_TAGS, History
+from parity.runs import TB_TAGS, History, derived_seed
 
 
 class HistoryWriter(Callback):
@@ -80,7 +79,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of torch's generators for `epoch` (0-based) on process `rank`; (0, 0) is `seed` itself."""
     if epoch == 0 and rank == 0:
         return seed
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    return derived_seed(seed, epoch, rank)
 
 
 class EpochSeed(Callback):

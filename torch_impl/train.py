@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from parity.catalog import Recipe, get_spec
-from parity.runs import History, run_dir
+from parity.runs import History, member_seed, run_dir
 from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar, RestoreBestWeights
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
@@ -148,8 +148,8 @@ def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out
                           augment: str | None = None, accelerator: str = "auto", devices: int = 1,
                           num_nodes: int = 1) -> dict:
     """Each process trains its share of the members (member k on rank k % world size), each on the full data with
-    its own optimizer and seed (`seed + k`); rank 0 then assembles the ensemble from the members' final
-    weights into `checkpoints/ensemble.ckpt` and evaluates it.
+    its own optimizer and seed (`parity.runs.member_seed(seed, k)`); rank 0 then assembles the ensemble from the
+    members' final weights into `checkpoints/ensemble.ckpt` and evaluates it.
 
     Under torchrun or srun every launched process takes its share; otherwise this spawns `devices` local
     processes. The members do not share an optimizer (the tutorial's shared step counter couples them), so this
@@ -200,7 +200,7 @@ def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory:
     for k in members_of_rank(members, rank, world):
         target = _member_dir(directory, k)
         (target / "done").unlink(missing_ok=True)
-        kw = dict(kwargs, seed=kwargs["seed"] + k)
+        kw = dict(kwargs, seed=member_seed(kwargs["seed"], k))
         devices = [local_rank] if torch.cuda.is_available() and kwargs["accelerator"] != "cpu" else 1
         result = _fit(member_name, member_recipe, target, resume=False, devices=devices, num_nodes=1,
                       ensemble_mode="loop", trainer_kwargs=None, **kw)
