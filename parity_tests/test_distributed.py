@@ -159,6 +159,7 @@ def test_member_parallel_rerun_assembles_the_new_members(tmp_path):
     for k, member in enumerate(result["models"][0].members):
         checkpoints = members / f"member{k}" / "checkpoints"
         assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch000.ckpt", "epoch001.ckpt", "last.ckpt"]
+        assert len(list(checkpoints.parent.glob("checkpoints.replaced-*"))) == 1  # the first run's, kept
         second_epoch = torch.load(checkpoints / "epoch001.ckpt", map_location="cpu", weights_only=False)["state_dict"]
         for name, tensor in member.state_dict().items():
             torch.testing.assert_close(tensor, second_epoch[f"model.members.0.{name}"], rtol=0, atol=0)

@@ -375,3 +375,31 @@ def test_runs_of_different_seeds_share_no_member_initialization():
     seeds = {(run, member): member_seed(run, member) for run in range(10) for member in range(5)}
     assert len(set(seeds.values())) == len(seeds)
     assert all(member_seed(run, 0) == run for run in range(10))  # a single model's init seed is the run's seed
+
+
+def test_a_new_run_sets_earlier_checkpoints_aside_and_a_failed_start_keeps_them(tmp_path, monkeypatch):
+    """Nothing lost: a run that fails before training (here: its data cannot be read) leaves the directory's
+    checkpoints alone; a new run that starts moves them to checkpoints.replaced-<time> instead of writing
+    last-v1.ckpt beside them (where a later --resume would take the old last.ckpt)."""
+    from torch_impl.datamodule import MNISTDataModule
+    from torch_impl.train import train
+
+    recipe = recipe_for("lenet_a").replace(epochs=1, early_stopping_patience=None)
+    train("lenet_a", recipe, out=tmp_path, progress=False, limit_train=64)
+    checkpoints = tmp_path / "lenet_a" / "torch" / "seed0" / "checkpoints"
+    earlier = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    assert "last.ckpt" in earlier
+
+    def unreadable(self, stage=None):
+        raise OSError("the data file is corrupt")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MNISTDataModule, "setup", unreadable)
+        with pytest.raises(OSError, match="corrupt"):
+            train("lenet_a", recipe, out=tmp_path, progress=False, limit_train=64)
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == earlier
+
+    train("lenet_a", recipe, out=tmp_path, progress=False, limit_train=64)
+    (kept,) = checkpoints.parent.glob("checkpoints.replaced-*")
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == earlier
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(earlier)  # no last-v1.ckpt

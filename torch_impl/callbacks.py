@@ -103,6 +103,29 @@ class EpochSeed(Callback):
             torch.manual_seed(epoch_seed(self.seed, epoch, rank))
 
 
+class SetAsideCheckpoints(Callback):
+    """A new run (no --resume) in a directory that holds an earlier run's checkpoints moves them to
+    `checkpoints.replaced-<time>` when training starts: after the data and the model are set up, so that a run which
+    fails to start leaves them where they were. Left in place, Lightning would write the new files beside them as
+    `last-v1.ckpt`, ..., and a later --resume would pick up the earlier run's `last.ckpt`."""
+
+    def __init__(self, dirpath: str | Path):
+        super().__init__()
+        self.dirpath = Path(dirpath)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.dirpath.is_dir() or not any(self.dirpath.iterdir()):
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = self.dirpath.with_name(f"{self.dirpath.name}.replaced-{stamp}")
+        for n in range(2, 1000):
+            if not target.exists():
+                break
+            target = self.dirpath.with_name(f"{self.dirpath.name}.replaced-{stamp}-{n}")
+        self.dirpath.rename(target)
+        print(f"a new run in {self.dirpath.parent}: the earlier run's checkpoints are now in {target}", flush=True)
+
+
 class RestoreBestWeights(Callback):
     """Keras's `EarlyStopping(restore_best_weights=True)`: at the end of training, put back the weights of the
     epoch with the best monitored value (Lightning's EarlyStopping only stops).

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from parity.catalog import Recipe, get_spec
 from parity.runs import History, member_seed, run_dir
-from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar, RestoreBestWeights
+from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar, RestoreBestWeights, SetAsideCheckpoints
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.distributed import KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank
@@ -119,11 +118,10 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
         **(trainer_kwargs or {}),
     )
     ckpt_path = "last" if resume and (directory / "checkpoints" / "last.ckpt").exists() else None
-    if ckpt_path is None and (directory / "checkpoints").exists():
-        # A new run replaces the one in this directory (as the TF side does). Left in place, Lightning would write
-        # the new checkpoints beside the old ones as last-v1.ckpt, ..., and a later --resume would pick up the old
-        # run's last.ckpt. Every process gets here before any of them can write (they first join the group).
-        shutil.rmtree(directory / "checkpoints")
+    if resume and ckpt_path is None:
+        print(f"--resume: no checkpoints/last.ckpt in {directory}; starting a new run", flush=True)
+    if ckpt_path is None:
+        trainer.callbacks.append(SetAsideCheckpoints(directory / "checkpoints"))
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - started
