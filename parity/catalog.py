@@ -10,6 +10,8 @@ to one.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 
@@ -395,12 +397,50 @@ class Recipe:
     drop_last: bool = False  # 004 drops the last partial batch
     quirks: tuple[str, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        """Every field checked, so that a typo in `--set` fails with a message instead of training nonsense."""
+        problems = []
+
+        def check(name, ok, expected):
+            if not ok:
+                problems.append(f"{name}={getattr(self, name)!r} (expected {expected})")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        check("dataset", self.dataset in ("mnist", "fashion_mnist"), "mnist or fashion_mnist")
+        check("split", self.split in ("full", "val5k", "halftest"), "full, val5k or halftest")
+        check("scale", is_number(self.scale) and self.scale > 0, "a number > 0")
+        for name in ("batch_size", "epochs", "members"):
+            check(name, is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        check("optimizer", self.optimizer in ("adam", "rmsprop"), "adam or rmsprop")
+        check("loop", self.loop in ("tape", "tf1", "fit"), "tape, tf1 or fit")
+        for name in ("lr", "epsilon"):
+            check(name, is_number(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
+        for name in ("lr_decay_rate", "lr_decay_epochs"):
+            value = getattr(self, name)
+            check(name, value is None or (is_number(value) and value > 0), "none or a number > 0")
+        check("augment", self.augment in (None, "tut001", "tut001_online"), "none, tut001 or tut001_online")
+        check("shift_low", is_int(self.shift_low) and is_int(self.shift_high) and self.shift_low < self.shift_high,
+              "integers with shift_low < shift_high")
+        check("early_stopping_patience",
+              self.early_stopping_patience is None or (is_int(self.early_stopping_patience)
+                                                       and self.early_stopping_patience >= 1), "none or an integer >= 1")
+        for name in ("shuffle", "drop_last"):
+            check(name, isinstance(getattr(self, name), bool), "true or false")
+        if problems:
+            raise ValueError(f"recipe {self.name}: invalid " + "; ".join(problems))
+
     def replace(self, **overrides) -> Recipe:
         import dataclasses
 
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = set(overrides) - set(fields)
         if unknown:
-            raise ValueError(f"unknown recipe fields {sorted(unknown)}")
+            raise ValueError(f"unknown recipe fields {sorted(unknown)}; the fields are: {', '.join(fields)}")
         return dataclasses.replace(self, **overrides)
 
 

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, missing or unreadable files: a message, not a traceback
         print(f"parity {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -633,7 +633,7 @@ def fetch(
     raise DataError(
         f"could not obtain {dataset}; tried:\n  - {listing}\n"
         f"Provide the four files ({', '.join(FILES)}, gzipped or not) in a folder and run "
-        f"`parity fetch --dataset {dataset} --source-dir FOLDER`."
+        f"`parity fetch --dataset {dataset} --data-dir FOLDER`."
     )
 
 

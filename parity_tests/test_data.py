@@ -234,8 +234,15 @@ def test_source_with_wrong_checksum_is_not_installed(fake_mnist: Path, tmp_path:
     with pytest.raises(data.DataError) as err:
         data.fetch("mnist", cache_dir=cache, source_dir=other, offline=True, log=quiet)
     message = str(err.value)
-    for expected in ("directory:", "md5", "download: skipped (offline)", "offline:stub", "--source-dir"):
+    for expected in ("directory:", "md5", "download: skipped (offline)", "offline:stub", "--data-dir"):
         assert expected in message, f"expected {expected!r} in the error, got: {message}"
+    # the command the message suggests is one the CLI accepts
+    from parity.cli import build_parser
+
+    suggested = message.rsplit("`", 2)[-2].split()
+    assert suggested[0] == "parity"
+    args = build_parser().parse_args([a.replace("FOLDER", str(fake_mnist)) for a in suggested[1:]])
+    assert args.command == "fetch" and str(args.data_dir) == str(fake_mnist)
     leftovers = list((cache / "mnist").iterdir()) if (cache / "mnist").exists() else []
     assert leftovers == [], f"expected nothing cached from a failed fetch, got {leftovers}"
 

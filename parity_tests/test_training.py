@@ -115,6 +115,21 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     assert restored.hparams.model_name == "lenet_a"
 
 
+def test_resume_with_another_member_count_is_a_clear_error(tmp_path):
+    """A 1-member `cnn` run resumed with --members 3 used to end in a state_dict traceback."""
+    from parity.cli import main
+
+    common = ["train", "cnn", "--framework", "torch", "--out", str(tmp_path), "--no-progress", "--epochs", "1",
+              "--limit-train", "100"]
+    assert main(common) == 0
+    with pytest.raises(ValueError, match=r"trained with members=1, but members=3 was asked for.*--members"):
+        from torch_impl.lightning_module import ClassifierModule
+
+        ClassifierModule.load_from_checkpoint(tmp_path / "cnn" / "torch" / "seed0" / "checkpoints" / "last.ckpt",
+                                              members=3)
+    assert main([*common, "--members", "3", "--resume"]) == 2
+
+
 def test_torch_training_does_not_import_installed_tensorflow(tf, tmp_path):
     """With TensorFlow installed, a torch run (TensorBoard logger included) still never imports it: tensorboard would,
     for +0.5 GB of memory per process (torch_impl.cpu_tuning.tensorboard_without_tensorflow)."""
@@ -403,3 +418,15 @@ def test_a_new_run_sets_earlier_checkpoints_aside_and_a_failed_start_keeps_them(
     (kept,) = checkpoints.parent.glob("checkpoints.replaced-*")
     assert {p.name: p.read_bytes() for p in kept.iterdir()} == earlier
     assert sorted(p.name for p in checkpoints.iterdir()) == sorted(earlier)  # no last-v1.ckpt
+
+
+@pytest.mark.parametrize("bad", [["--epochs", "0"], ["--set", "scale=0"], ["--set", "epochs=abc"],
+                                 ["--batch-size", "-5"], ["--set", "dataset=nosuch"], ["--set", "drop_last=maybe"]])
+def test_nonsense_recipe_values_are_refused_before_anything_runs(tmp_path, capsys, bad):
+    """`--set scale=0 --epochs 0` used to "train" and report 9.8% accuracy over the run's history."""
+    from parity.cli import main
+
+    assert main(["train", "cnn", "--framework", "torch", "--out", str(tmp_path), "--no-progress", *bad]) == 2
+    err = capsys.readouterr().err
+    assert "parity train: error: recipe tut001_cnn: invalid" in err and "expected" in err, err
+    assert not (tmp_path / "cnn").exists()

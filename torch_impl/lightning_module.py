@@ -308,9 +308,25 @@ class ClassifierModule(L.LightningModule):
                 f"load it with model_name={saved!r} (parity train {saved} ...)"
             )
 
+    @staticmethod
+    def _check_hyperparameters(checkpoint: dict, wanted: dict, resuming: bool) -> None:
+        """Hyperparameters that change the weights' layout (and, when resuming, the optimizer state's) must match
+        the checkpoint's."""
+        saved = checkpoint.get("hyper_parameters", {})
+        flags = {"members": "--members"}
+        if resuming:
+            flags.update(optimizer="--set optimizer=...", shared_optimizer="the recipe's")
+        for name, flag in flags.items():
+            if name in saved and name in wanted and saved[name] != wanted[name]:
+                raise ValueError(f"this checkpoint was trained with {name}={saved[name]!r}, but {name}="
+                                 f"{wanted[name]!r} was asked for; load or resume it with {name}={saved[name]!r} "
+                                 f"({flag}), or start a new run in another --out directory")
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Trainer.fit(ckpt_path=...) and load_from_checkpoint call this before they load the weights
         self._check_model_name(checkpoint, self.hparams.model_name)
+        resuming = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        self._check_hyperparameters(checkpoint, dict(self.hparams), resuming)
         self._convert_ensemble_layout(checkpoint)
 
     def _convert_ensemble_layout(self, checkpoint: dict) -> None:
@@ -344,7 +360,9 @@ class ClassifierModule(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's, plus a clear error for a checkpoint of another model (it loads the weights before
         `on_load_checkpoint`, which would fail with a wall of state-dict mismatches instead)."""
-        if "model_name" in kwargs:
+        if "model_name" in kwargs or "members" in kwargs:
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-            cls._check_model_name(checkpoint, kwargs["model_name"])
+            if "model_name" in kwargs:
+                cls._check_model_name(checkpoint, kwargs["model_name"])
+            cls._check_hyperparameters(checkpoint, kwargs, resuming=False)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
