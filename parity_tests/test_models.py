@@ -111,3 +111,24 @@ def test_torch_dataset_rejects_mismatched_arrays():
         InMemoryImages(np.zeros((5, 784), np.uint8), np.zeros(5))
     with pytest.raises(ValueError, match="5 images but 4 labels"):
         InMemoryImages(np.zeros((5, 28, 28), np.uint8), np.zeros(4))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_torch_models_explain_keras_layout_inputs(name):
+    """The classic migration traps fail with what to do: NHWC images, no channel axis, uint8 pixels."""
+    import torch
+
+    from torch_impl.models import build_model
+
+    h, w, c = get_spec(name).input_shape
+    model = build_model(name).eval()
+    with pytest.raises(ValueError, match=r"NHWC images .*x\.permute\(0, 3, 1, 2\)"):
+        model(torch.rand(2, h, w, c))
+    if c == 1:
+        with pytest.raises(ValueError, match=r"channel axis is missing: pass x\.unsqueeze\(1\)"):
+            model(torch.rand(2, h, w))
+    with pytest.raises(ValueError, match=rf"expects images of shape \(batch, {c}, {h}, {w}\)"):
+        model(torch.rand(2, c, h + 4, w + 4))
+    with pytest.raises(TypeError, match=r"x\.float\(\) / 255"):
+        model(torch.zeros(2, c, h, w, dtype=torch.uint8))
+    assert model(torch.rand(2, c, h, w)).shape[0] == 2

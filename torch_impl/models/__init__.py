@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -47,12 +49,37 @@ _RELU["lenet_b"] = _RELU["lenet_c"] = _RELU["lenet_a"]
 _RELU["datacamp_dropout"] = _RELU["datacamp"]
 
 
+def check_images(model: nn.Module, args: tuple, shape: tuple[int, int, int] = (1, 28, 28)) -> None:
+    """A forward pre-hook: the images a migrating user passes in the Keras layout (NHWC, no channel axis, uint8
+    pixels) fail with what to do, instead of a convolution's shape or dtype error deep inside."""
+    x = args[0] if args else None
+    name = type(model).__name__
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} expects a tensor of images (batch, {', '.join(map(str, shape))}), got {type(x).__name__}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+        c, h, w = shape
+        if x.ndim == 4 and tuple(x.shape[1:]) == (h, w, c):
+            hint = "these are NHWC images (Keras's layout): pass x.permute(0, 3, 1, 2)"
+        elif x.ndim == 3 and tuple(x.shape[1:]) == (h, w):
+            hint = "the channel axis is missing: pass x.unsqueeze(1)"
+        else:
+            hint = f"the catalog's models take {h} x {w} images with {c} channel(s)"
+        raise ValueError(f"{name} expects images of shape (batch, {c}, {h}, {w}) (NCHW), got {tuple(x.shape)}: {hint}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} expects floating-point images, got {x.dtype}: scale the pixels as the recipe does, "
+                        "e.g. x.float() / 255")
+
+
 def build_model(name: str, *, seed: int | None = None) -> nn.Module:
-    """A freshly initialized model (Keras's initializers). `seed` fixes the init."""
-    get_spec(name)  # raises ValueError listing valid names
+    """A freshly initialized model (Keras's initializers). `seed` fixes the init. Its input is checked
+    (`check_images`): NCHW float images of the catalog's input shape."""
+    spec = get_spec(name)  # raises ValueError listing valid names
     if seed is not None:
         torch.manual_seed(seed)
-    return _BUILDERS[name]()
+    model = _BUILDERS[name]()
+    h, w, c = spec.input_shape
+    model.register_forward_pre_hook(functools.partial(check_images, shape=(c, h, w)))  # picklable
+    return model
 
 
 def build_member(name: str, seed: int | None = None) -> nn.Module:
