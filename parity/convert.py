@@ -376,7 +376,7 @@ def _keras_load(path: Path, load: Callable):
     return result
 
 
-def _load_weights(keras_model, path: Path, model: str, shapes: dict[str, tuple[int, ...]]) -> None:
+def _load_weights(keras_model, path: Path, model: str, shapes: dict[str, tuple[int, ...]], groups: set[str]) -> None:
     """`keras_model.load_weights(path)` of a file whose datasets are exactly the model's: Keras's own check names
     one layer, and it silently skips a file's extra layers (a 5-member ensemble read into 3 members)."""
     import tempfile
@@ -384,8 +384,18 @@ def _load_weights(keras_model, path: Path, model: str, shapes: dict[str, tuple[i
     with tempfile.TemporaryDirectory() as tmp:
         keras_model.save_weights(Path(tmp) / "expected.weights.h5")
         expected = _h5_shapes(Path(tmp) / "expected.weights.h5")
+        expected_groups = _h5_groups(Path(tmp) / "expected.weights.h5")
     if expected != shapes:  # Keras names datasets by layer type and position, which is what it compares
         raise _mismatch(path, model, _differences(expected, shapes, "HDF5 datasets"), list(shapes.values()), "tf")
+    if groups != expected_groups:
+        # Same weights, other layers: the layers without weights (pooling, dropout, LRN) differ, e.g. a lenet_a
+        # file read as lenet_c (lenet_a, b and c have the same weight shapes; lenet_c adds LRN layers).
+        missing, extra = sorted(expected_groups - groups), sorted(groups - expected_groups)
+        raise ConvertError(
+            f"{path} is not a weights file of {model}: its tensors fit, but its layers do not (missing: "
+            f"{', '.join(missing) or '-'}; not in {model}: {', '.join(extra) or '-'}). Was it saved from another "
+            f"catalog model? Name the model the file was saved from."
+        )
     try:
         _keras_load(path, lambda: keras_model.load_weights(path))
     except ConvertError:
@@ -414,6 +424,17 @@ def _h5_shapes(source) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _h5_groups(source) -> set[str]:
+    """The layer groups of a Keras weights file, the weightless layers included (datasets name only the others)."""
+    import h5py
+
+    out = set()
+    with h5py.File(source, "r") as f:
+        f.visititems(lambda name, obj: out.add(name) if isinstance(obj, h5py.Group) and name.startswith("layers/")
+                     and name.count("/") == 1 else None)
+    return out
+
+
 def _read_keras(model: str, path: Path) -> Loaded:
     import io
 
@@ -438,7 +459,7 @@ def _read_keras(model: str, path: Path) -> Loaded:
         # the member count): the model is rebuilt here from the catalog and the archive's weights loaded into it
         shapes = _h5_shapes(io.BytesIO(weights_h5))
         keras_model = _build_tf(model, _members_in(model, shapes), path)
-        _load_weights(keras_model, path, model, shapes)
+        _load_weights(keras_model, path, model, shapes, _h5_groups(io.BytesIO(weights_h5)))
     else:
         try:
             keras_model = _keras_load(path, lambda: keras.saving.load_model(path))  # safe mode: no Lambda code runs
@@ -461,7 +482,7 @@ def _read_weights_h5(model: str, path: Path) -> Loaded:
                            f"save the weights again with model.save_weights(...)") from None
     members = _members_in(model, shapes)
     keras_model = _build_tf(model, members, path)
-    _load_weights(keras_model, path, model, shapes)
+    _load_weights(keras_model, path, model, shapes, _h5_groups(path))
     weights = _split_members(model, get_weights(keras_model), path)
     return Loaded(weights, _keras_logits(keras_model, model), "tensorflow")
 

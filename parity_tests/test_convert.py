@@ -334,3 +334,16 @@ def test_cli_convert(tf, tmp_path, capsys):
     assert "exists: pass --force" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a building block has no model file to convert
         main(["convert", "residual_block", str(tmp_path / "d.keras"), str(tmp_path / "r.ckpt")])
+
+
+@pytest.mark.parametrize("target", ["lenet_b", "lenet_c"])
+def test_weights_file_of_another_lenet_is_refused(tf, tmp_path, target):
+    """lenet_a, b and c have the same weight shapes; only their weightless layers (dropout, LRN) tell the files
+    apart. A lenet_a weights file converted as lenet_b or lenet_c (another function) used to pass silently."""
+    from tf_ref.models import build_model as build_tf
+
+    build_tf("lenet_a", seed=0).save_weights(tmp_path / "a.weights.h5")
+    with pytest.raises(ConvertError, match=f"is not a weights file of {target}: its tensors fit, but its layers"):
+        convert(target, tmp_path / "a.weights.h5", tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
+    convert("lenet_a", tmp_path / "a.weights.h5", tmp_path / "out.npz")  # its own model still converts
