@@ -12,6 +12,7 @@ on disk per seed because generating them takes a couple of minutes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -51,10 +52,36 @@ def cached_augment_tut001(images: np.ndarray, labels: np.ndarray, seed: int, cac
     key = hashlib.sha256(images.tobytes()).hexdigest()[:16]
     path = Path(cache_dir) / f"aug001_{key}_seed{seed}_shift{shift_low}_{shift_high}"
     if (path / "done").exists():
-        return np.load(path / "images.npy"), np.load(path / "labels.npy")
+        cached = _load_verified(path)
+        if cached is not None:
+            return cached
     x, y = augment_tut001(images, labels, seed=seed, shift_low=shift_low, shift_high=shift_high, progress=True)
     path.mkdir(parents=True, exist_ok=True)
     np.save(path / "images.npy", x)
     np.save(path / "labels.npy", y)
-    (path / "done").write_text("ok")  # written last: a half-written cache is regenerated
+    # written last, with the arrays' checksums: a half-written or damaged cache is regenerated
+    (path / "done").write_text(json.dumps({"images": _sha256(x), "labels": _sha256(y)}))
+    return x, y
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _load_verified(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays if they load and match the checksums in `done`; None (with a message) if not."""
+    try:
+        x, y = np.load(path / "images.npy"), np.load(path / "labels.npy")
+    except (OSError, ValueError) as error:
+        print(f"the cached augmentation in {path} cannot be read ({error}); generating it again", flush=True)
+        return None
+    try:
+        expected = json.loads((path / "done").read_text())
+    except ValueError:  # written before the checksums were kept: trust it once and record them
+        (path / "done").write_text(json.dumps({"images": _sha256(x), "labels": _sha256(y)}))
+        return x, y
+    if expected != {"images": _sha256(x), "labels": _sha256(y)}:
+        print(f"the cached augmentation in {path} does not match its checksums (damaged); generating it again",
+              flush=True)
+        return None
     return x, y

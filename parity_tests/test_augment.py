@@ -64,3 +64,32 @@ def test_online_rotate_then_shift_matches_ndimage(degrees, shift):
         return np.array([(a * rows).sum(), (a * cols).sum()]) / a.sum()
 
     np.testing.assert_allclose(centroid(out.numpy()), centroid(expected), atol=0.05)
+
+
+def test_damaged_augmentation_cache_is_regenerated(tmp_path, monkeypatch, capsys):
+    """A truncated or silently altered cached array is detected (checksums in `done`) and generated again, not
+    loaded (a truncated file used to fail with numpy's message, an altered one was used as is)."""
+    import parity.augment as aug
+
+    images = np.random.default_rng(0).integers(0, 255, (6, 28, 28), dtype=np.uint8)
+    labels = np.arange(6, dtype=np.uint8)
+    x, y = aug.cached_augment_tut001(images, labels, seed=0, cache_dir=tmp_path)
+    (folder,) = tmp_path.iterdir()
+    generated = []
+    original = aug.augment_tut001
+    monkeypatch.setattr(aug, "augment_tut001", lambda *a, **k: generated.append(1) or original(*a, **k))
+
+    x2, _ = aug.cached_augment_tut001(images, labels, seed=0, cache_dir=tmp_path)  # intact: loaded
+    assert generated == [] and np.array_equal(x2, x)
+
+    data = bytearray((folder / "images.npy").read_bytes())
+    data[-1] ^= 0xFF  # same size, one pixel changed
+    (folder / "images.npy").write_bytes(bytes(data))
+    x3, _ = aug.cached_augment_tut001(images, labels, seed=0, cache_dir=tmp_path)
+    assert generated == [1] and np.array_equal(x3, x)
+    assert "does not match its checksums" in capsys.readouterr().out
+
+    (folder / "images.npy").write_bytes((folder / "images.npy").read_bytes()[:200])  # truncated
+    x4, _ = aug.cached_augment_tut001(images, labels, seed=0, cache_dir=tmp_path)
+    assert generated == [1, 1] and np.array_equal(x4, x)
+    assert "cannot be read" in capsys.readouterr().out
