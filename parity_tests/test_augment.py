@@ -73,7 +73,7 @@ def test_damaged_augmentation_cache_is_regenerated(tmp_path, monkeypatch, capsys
 
     images = np.random.default_rng(0).integers(0, 255, (6, 28, 28), dtype=np.uint8)
     labels = np.arange(6, dtype=np.uint8)
-    x, y = aug.cached_augment_tut001(images, labels, seed=0, cache_dir=tmp_path)
+    x, _ = aug.cached_augment_tut001(images, labels, seed=0, cache_dir=tmp_path)
     (folder,) = tmp_path.iterdir()
     generated = []
     original = aug.augment_tut001
