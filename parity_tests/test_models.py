@@ -132,3 +132,14 @@ def test_torch_models_explain_keras_layout_inputs(name):
     with pytest.raises(TypeError, match=r"x\.float\(\) / 255"):
         model(torch.zeros(2, c, h, w, dtype=torch.uint8))
     assert model(torch.rand(2, c, h, w)).shape[0] == 2
+
+
+def test_datacamp_dropout_rates_are_the_pointed_to_tutorials():
+    """Tutorial 004 leaves dropout as an exercise and points to DataCamp's Keras tutorial of the same
+    architecture: 0.25, 0.25, 0.4 after the pools and 0.3 after the hidden dense layer."""
+    import torch
+
+    from torch_impl.models import build_model
+
+    rates = [m.p for m in build_model("datacamp_dropout").modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates == [0.25, 0.25, 0.4, 0.3]
