@@ -526,7 +526,8 @@ def _hyper_parameters(model: str, members: int) -> dict:
     recipe = recipe_for(model)
     return {"model_name": model, "members": members, "optimizer": recipe.optimizer, "lr": recipe.lr,
             "epsilon": recipe.epsilon, "lr_decay_rate": recipe.lr_decay_rate,
-            "lr_decay_epochs": recipe.lr_decay_epochs, "train_acc_after_step": recipe.loop == "tape"}
+            "lr_decay_epochs": recipe.lr_decay_epochs, "train_acc_after_step": recipe.loop == "tape",
+            "second_pass": recipe.loop == "tape"}
 
 
 def _read_ckpt(model: str, path: Path) -> Loaded:

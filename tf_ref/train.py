@@ -115,6 +115,10 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             correct = tf.equal(tf.argmax(logits, 1, output_type=tf.int64), labels)
+            if recipe.loop == "tape":
+                # tutorial 001: `loss = loss_fn(model, images, labels)` after the update, in training mode: the loss
+                # it prints; the pass also updates BatchNorm's moving statistics a second time
+                loss = loss_fn(model(images, training=True), labels)
             return loss, tf.reduce_mean(tf.cast(correct, tf.float32))
 
         return step

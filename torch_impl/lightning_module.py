@@ -70,6 +70,8 @@ class ClassifierModule(L.LightningModule):
         lr_decay_rate, staircase=True), evaluated at the optimizer's step counter, stepped per optimizer step.
     combine: how the ensemble predicts ("logits": sum of logits as the tutorial; "probs"; "vote").
     train_acc_after_step: tutorial 001 measures train accuracy in eval mode after the step, on the same batch.
+    second_pass: tutorial 001 runs each member forward again in training mode after its update and records that
+        loss; the pass also updates BatchNorm's moving statistics a second time per batch (`bn_cnn`).
     ensemble_mode: for members > 1, "loop" (the tutorial's loop over members) or "vectorized" (all members in one
         pass and one optimizer step; members of `cnn` or `bn_cnn`). Both start from the same weights under the same
         seed and take the same steps (dropout masks aside: drawn in another order); checkpoints of one mode load in
@@ -85,7 +87,8 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model_name: str = "cnn", members: int = 1, optimizer: str = "adam", lr: float = 1e-3,
                  epsilon: float = 1e-7, lr_decay_rate: float | None = None, lr_decay_epochs: float | None = None,
                  combine: str = "logits", train_acc_after_step: bool = False, num_classes: int = 10,
-                 ensemble_mode: str = "loop", shared_optimizer: bool = True, channels_last: bool = True):
+                 ensemble_mode: str = "loop", shared_optimizer: bool = True, channels_last: bool = True,
+                 second_pass: bool = False):
         super().__init__()
         spec = get_spec(model_name)
         if spec.members > 1:
@@ -184,9 +187,13 @@ class ClassifierModule(L.LightningModule):
         return optimizers, schedulers if isinstance(schedulers, list) else [None] * members
 
     def _log_train(self, loss: torch.Tensor, acc: torch.Tensor) -> None:
-        self.train_loss.update(loss)
+        if not self.hparams.get("second_pass"):  # else the second pass's loss, in on_train_batch_end
+            self._log_train_loss(loss)
         if not self.hparams.train_acc_after_step:
             self.train_acc.update(acc)
+
+    def _log_train_loss(self, loss: torch.Tensor) -> None:
+        self.train_loss.update(loss)
         if self._loggers_write_this_step():
             self.log("train_loss", loss)  # the per-step curve; the progress bar shows the epoch's running mean
 
@@ -207,9 +214,16 @@ class ClassifierModule(L.LightningModule):
         return bool(connector.should_update_logs)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        x, y = batch
+        if self.hparams.get("second_pass"):
+            # tutorial 001: `loss = loss_fn(model, images, labels)` after each member's update, in training mode (new
+            # dropout masks; BatchNorm normalizes with this batch and updates its moving statistics again)
+            with torch.no_grad():
+                logits = self.member_logits(x)  # (M, B, classes)
+                losses = F.cross_entropy(logits.transpose(1, 2), y.expand(len(logits), -1), reduction="none")
+            self._log_train_loss(losses.mean(1).mean())
         if not self.hparams.train_acc_after_step:
             return
-        x, y = batch
         self.model.eval()  # tutorial 001: accuracy of the updated model, dropout off, on the batch just trained on
         with torch.no_grad():
             acc = (self(x).argmax(-1) == y).float().mean()

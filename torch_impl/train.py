@@ -45,7 +45,7 @@ def build(model_name: str, recipe: Recipe, *, seed: int = 0, data_dir=None, limi
     module = ClassifierModule(
         model_name=model_name, members=recipe.members, optimizer=recipe.optimizer, lr=recipe.lr,
         epsilon=recipe.epsilon, lr_decay_rate=recipe.lr_decay_rate, lr_decay_epochs=recipe.lr_decay_epochs,
-        train_acc_after_step=recipe.loop == "tape",
+        train_acc_after_step=recipe.loop == "tape", second_pass=recipe.loop == "tape",
         ensemble_mode=ensemble_mode,
     )
     return module, datamodule
