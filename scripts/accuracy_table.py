@@ -65,9 +65,10 @@ def _acc(stats: dict) -> str:
 
 def _epochs(row: dict, fw: str) -> str:
     stats = row[fw]
-    if "best_epoch" in stats:
-        return "/".join(f"{b} of {n}" for b, n in zip(stats["best_epoch"], stats["epochs_run"]))
-    return "/".join(str(n) for n in stats["epochs_run"])
+    if "best_epoch" in stats:  # per seed: the restored epoch of the epochs run
+        return ", ".join(f"{b} of {n}" for b, n in zip(stats["best_epoch"], stats["epochs_run"]))
+    runs = sorted(set(stats["epochs_run"]))
+    return ", ".join(str(n) for n in (runs if len(runs) > 1 else runs[:1]))
 
 
 def markdown(rows: list[dict]) -> str:
