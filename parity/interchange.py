@@ -177,11 +177,20 @@ def save_npz(path: str | os.PathLike, weights: dict[str, np.ndarray], *, model: 
 
 
 def load_npz(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    with np.load(path, allow_pickle=False) as data:
-        if "__meta__" not in data:
-            raise WeightTransferError(f"{path}: not a parity weights file (no __meta__ entry)")
-        meta = json.loads(str(data["__meta__"]))
-        return meta, {k: data[k] for k in data.files if k != "__meta__"}
+    """The metadata and named arrays of a parity weights file (never unpickles: a file holding Python objects is
+    refused, as it could run code when loaded)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "__meta__" not in data:
+                raise WeightTransferError(f"{path}: not a parity weights file (no __meta__ entry)")
+            meta = json.loads(str(data["__meta__"]))
+            return meta, {k: data[k] for k in data.files if k != "__meta__"}
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise
+        raise WeightTransferError(f"{path}: not a parity weights file: it holds Python objects, which are not "
+                                  "loaded (unpickling can run code). Write it with parity.interchange.save_npz or "
+                                  "`parity convert`.") from None
 
 
 # ------------------------------------------------------------------------------------ activations

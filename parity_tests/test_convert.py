@@ -347,3 +347,13 @@ def test_weights_file_of_another_lenet_is_refused(tf, tmp_path, target):
         convert(target, tmp_path / "a.weights.h5", tmp_path / "out.npz")
     assert not (tmp_path / "out.npz").exists()
     convert("lenet_a", tmp_path / "a.weights.h5", tmp_path / "out.npz")  # its own model still converts
+
+
+def test_npz_with_python_objects_is_refused_without_unpickling(tmp_path):
+    """numpy's own message for such a file advises allow_pickle=True, i.e. running whatever the file holds."""
+    from parity.interchange import WeightTransferError, load_npz
+
+    np.savez(tmp_path / "objects.npz", __meta__=np.array([{"model": "cnn"}], dtype=object))
+    with pytest.raises(WeightTransferError, match="holds Python objects, which are not loaded") as error:
+        load_npz(tmp_path / "objects.npz")
+    assert "allow_pickle" not in str(error.value)
