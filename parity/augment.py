@@ -60,12 +60,13 @@ def cached_augment_tut001(images: np.ndarray, labels: np.ndarray, seed: int, cac
     np.save(path / "images.npy", x)
     np.save(path / "labels.npy", y)
     # written last, with the arrays' checksums: a half-written or damaged cache is regenerated
-    (path / "done").write_text(json.dumps({"images": _sha256(x), "labels": _sha256(y)}))
+    (path / "done").write_text(json.dumps(_checksums(x, y)))
     return x, y
 
 
-def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+def _checksums(images: np.ndarray, labels: np.ndarray) -> dict[str, str]:
+    return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+            for name, a in (("images", images), ("labels", labels))}
 
 
 def _load_verified(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -78,9 +79,9 @@ def _load_verified(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     try:
         expected = json.loads((path / "done").read_text())
     except ValueError:  # written before the checksums were kept: trust it once and record them
-        (path / "done").write_text(json.dumps({"images": _sha256(x), "labels": _sha256(y)}))
+        (path / "done").write_text(json.dumps(_checksums(x, y)))
         return x, y
-    if expected != {"images": _sha256(x), "labels": _sha256(y)}:
+    if expected != _checksums(x, y):
         print(f"the cached augmentation in {path} does not match its checksums (damaged); generating it again",
               flush=True)
         return None

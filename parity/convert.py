@@ -523,11 +523,9 @@ def _write_npz(model: str, loaded: Loaded, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- ckpt
 def _hyper_parameters(model: str, members: int) -> dict:
     """The ClassifierModule arguments `parity train` would give this model: its recipe's optimizer."""
-    recipe = recipe_for(model)
-    return {"model_name": model, "members": members, "optimizer": recipe.optimizer, "lr": recipe.lr,
-            "epsilon": recipe.epsilon, "lr_decay_rate": recipe.lr_decay_rate,
-            "lr_decay_epochs": recipe.lr_decay_epochs, "train_acc_after_step": recipe.loop == "tape",
-            "second_pass": recipe.loop == "tape"}
+    from torch_impl.train import module_arguments
+
+    return module_arguments(model, recipe_for(model).replace(members=members))
 
 
 def _read_ckpt(model: str, path: Path) -> Loaded:

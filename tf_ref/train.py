@@ -262,7 +262,6 @@ class _FitCheckpoint(keras.callbacks.Callback):
                 stopping.best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
     def on_epoch_end(self, epoch, logs=None):
-
         staging = self.directory.with_name(self.directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

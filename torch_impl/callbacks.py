@@ -75,20 +75,13 @@ class HistoryWriter(Callback):
         self.history.epochs = list(state_dict.get("epochs", []))  # a resumed run keeps its earlier epochs
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of torch's generators for `epoch` (0-based) on process `rank`; (0, 0) is `seed` itself."""
-    if epoch == 0 and rank == 0:
-        return seed
-    return derived_seed(seed, epoch, rank)
-
-
 class EpochSeed(Callback):
     """Dropout masks and online augmentation drawn per process and per epoch, as the data order is.
 
     Lightning seeds every process with the same seed: under DDP each rank would draw the same dropout masks and
     augmentations for its share of the global batch (B images, B / W distinct masks), and a resumed run would
     replay the random stream of its first epoch. At the start of every epoch, torch's generators are seeded with
-    `epoch_seed(seed, epoch, global_rank)`, except on the first epoch of rank 0, which keeps the stream that
+    `parity.runs.derived_seed(seed, epoch, global_rank)`, except on the first epoch of rank 0, which keeps the stream that
     `seed_everything(seed)` started. (The datamodule's loaders draw from generators of their own, so the stream
     an epoch sees does not depend on how many loaders were iterated before it.)
     """
@@ -100,7 +93,7 @@ class EpochSeed(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch, rank = trainer.current_epoch, trainer.global_rank
         if epoch or rank:
-            torch.manual_seed(epoch_seed(self.seed, epoch, rank))
+            torch.manual_seed(derived_seed(self.seed, epoch, rank))
 
 
 class SetAsideCheckpoints(Callback):

@@ -187,7 +187,7 @@ class ClassifierModule(L.LightningModule):
         return optimizers, schedulers if isinstance(schedulers, list) else [None] * members
 
     def _log_train(self, loss: torch.Tensor, acc: torch.Tensor) -> None:
-        if not self.hparams.get("second_pass"):  # else the second pass's loss, in on_train_batch_end
+        if not self.hparams.second_pass:  # else the second pass's loss, in on_train_batch_end
             self._log_train_loss(loss)
         if not self.hparams.train_acc_after_step:
             self.train_acc.update(acc)
@@ -215,7 +215,7 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         x, y = batch
-        if self.hparams.get("second_pass"):
+        if self.hparams.second_pass:
             # tutorial 001: `loss = loss_fn(model, images, labels)` after each member's update, in training mode (new
             # dropout masks; BatchNorm normalizes with this batch and updates its moving statistics again)
             with torch.no_grad():

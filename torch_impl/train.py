@@ -42,13 +42,17 @@ def build(model_name: str, recipe: Recipe, *, seed: int = 0, data_dir=None, limi
         shift_low=recipe.shift_low, shift_high=recipe.shift_high, data_dir=data_dir, limit_train=limit_train,
         seed=seed,
     )
-    module = ClassifierModule(
-        model_name=model_name, members=recipe.members, optimizer=recipe.optimizer, lr=recipe.lr,
-        epsilon=recipe.epsilon, lr_decay_rate=recipe.lr_decay_rate, lr_decay_epochs=recipe.lr_decay_epochs,
-        train_acc_after_step=recipe.loop == "tape", second_pass=recipe.loop == "tape",
-        ensemble_mode=ensemble_mode,
-    )
+    module = ClassifierModule(**module_arguments(model_name, recipe), ensemble_mode=ensemble_mode)
     return module, datamodule
+
+
+def module_arguments(model_name: str, recipe: Recipe) -> dict:
+    """The `ClassifierModule` arguments of `recipe` (also what `parity convert` writes into a checkpoint)."""
+    return {"model_name": model_name, "members": recipe.members, "optimizer": recipe.optimizer, "lr": recipe.lr,
+            "epsilon": recipe.epsilon, "lr_decay_rate": recipe.lr_decay_rate,
+            "lr_decay_epochs": recipe.lr_decay_epochs,
+            # tutorial 001's loop: eval-mode train accuracy and a second training-mode pass after each update
+            "train_acc_after_step": recipe.loop == "tape", "second_pass": recipe.loop == "tape"}
 
 
 def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=None, progress: bool = True,
