@@ -389,6 +389,8 @@ class Recipe:
     members: int = 1
     lr_decay_rate: float | None = None  # ExponentialDecay(lr, decay_steps, rate, staircase=True)
     lr_decay_epochs: float | None = None  # decay_steps expressed in epochs of optimizer steps
+    # 001's ensembles: one optimizer for all members, stepped once per member per batch (quirk); False: one each
+    shared_optimizer: bool = True
     augment: str | None = None  # "tut001": 4 rotated/shifted copies of every image
     shift_low: int = -2  # the tutorial's np.random.randint(-2, 2, 2) gives shifts -2..1 (quirk)
     shift_high: int = 2
@@ -429,7 +431,7 @@ class Recipe:
         check("early_stopping_patience",
               self.early_stopping_patience is None or (is_int(self.early_stopping_patience)
                                                        and self.early_stopping_patience >= 1), "none or an integer >= 1")
-        for name in ("shuffle", "drop_last"):
+        for name in ("shared_optimizer", "shuffle", "drop_last"):
             check(name, isinstance(getattr(self, name), bool), "true or false")
         if problems:
             raise ValueError(f"recipe {self.name}: invalid " + "; ".join(problems))

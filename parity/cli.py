@@ -101,7 +101,10 @@ def recipe_from_args(args):
 
 # The corrected variant of each recipe's quirks (`--fix-quirks`); each is also reachable with --set.
 _CORRECTIONS = {
-    "tut001_best": {"shift_high": 3},  # shifts -2..2 instead of -2..1
+    "tut001_ensemble": {"shared_optimizer": False},  # each member its own Adam
+    # shifts -2..2 instead of -2..1; each member its own Adam, whose schedule halves the rate every 5 epochs as the
+    # tutorial's shared one did (decay_steps of 25 epochs, counted 5x per batch)
+    "tut001_best": {"shift_high": 3, "shared_optimizer": False, "lr_decay_epochs": 5.0},
     "tut003": {"scale": 255.0},  # pixels in [0, 1]
     "tut004": {"shuffle": True},  # reshuffle every epoch
 }

@@ -33,7 +33,7 @@ def test_config_is_the_recipe(config):
     expected = {
         "members": recipe.members, "optimizer": recipe.optimizer, "lr": recipe.lr, "epsilon": recipe.epsilon,
         "lr_decay_rate": recipe.lr_decay_rate, "lr_decay_epochs": recipe.lr_decay_epochs,
-        "train_acc_after_step": recipe.loop == "tape", "second_pass": recipe.loop == "tape",
+        "shared_optimizer": recipe.shared_optimizer, "train_acc_after_step": recipe.loop == "tape", "second_pass": recipe.loop == "tape",
     }
     assert {k: model[k] for k in expected} == expected
     expected_data = {"dataset": recipe.dataset, "split": recipe.split, "batch_size": recipe.batch_size,
@@ -456,3 +456,55 @@ def test_tutorial_001_second_pass_updates_batchnorm_statistics_twice(framework, 
              for loop in ("tape", "tf1")}
     ratio = np.abs(means["tape"]).sum() / np.abs(means["tf1"]).sum()
     assert 1.8 < ratio < 2.2, f"moving mean after one step: {ratio:.3f} x the single-update one (expected ~1.99)"
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_optimizer", "per_member_optimizers"])
+def test_ensemble_optimizer_sharing_steps_the_schedule_alike_in_both_frameworks(tf, tmp_path, shared):
+    """Tutorial 001's one Adam for all members steps its schedule once per member per batch (the quirk); with
+    `shared_optimizer=False` (`--fix-quirks`) each member's own Adam steps it once per batch. One batch per epoch,
+    a schedule that halves every epoch of batches, 2 members: the rates after epochs 1 and 2 are 1e-3 / 4, 1e-3 / 16
+    shared, and 1e-3 / 2, 1e-3 / 4 per member, in both frameworks."""
+    from tf_ref.train import train as tf_train
+    from torch_impl.train import train as torch_train
+
+    recipe = recipe_for("bn_cnn").replace(members=2, augment=None, epochs=2, lr_decay_epochs=1.0,
+                                          shared_optimizer=shared)
+    expected = [1e-3 / 4, 1e-3 / 16] if shared else [1e-3 / 2, 1e-3 / 4]
+    for train in (torch_train, tf_train):
+        history = train("bn_cnn", recipe, seed=0, out=tmp_path, progress=False, limit_train=recipe.batch_size)
+        np.testing.assert_allclose([row["lr"] for row in history["epochs"]], expected, rtol=1e-6,
+                                   err_msg=f"{train.__module__}, shared_optimizer={shared}")
+
+
+def test_fix_quirks_keeps_tutorial_001s_decay_period_with_per_member_optimizers():
+    """The corrected best recipe gives each member its own Adam; its schedule must still halve the rate every 5
+    epochs, as the tutorial's shared optimizer (25 epochs of steps, counted 5x per batch) did."""
+    from parity.cli import build_parser, recipe_from_args
+
+    def halving_period(recipe):  # in epochs of batches
+        return recipe.lr_decay_epochs / (recipe.members if recipe.shared_optimizer else 1)
+
+    quirky = recipe_from_args(build_parser().parse_args(["train", "bn_cnn"]))
+    fixed = recipe_from_args(build_parser().parse_args(["train", "bn_cnn", "--fix-quirks"]))
+    assert quirky.shared_optimizer and not fixed.shared_optimizer
+    assert halving_period(quirky) == halving_period(fixed) == 5
+    assert (quirky.shift_high, fixed.shift_high) == (2, 3)
+    ensemble = recipe_from_args(build_parser().parse_args(["train", "cnn_ensemble3", "--fix-quirks"]))
+    assert ensemble.shared_optimizer is False and ensemble.lr_decay_rate is None
+
+
+def test_tf_resume_with_other_optimizer_sharing_is_a_clear_error(tf, tmp_path):
+    from tf_ref.train import train
+
+    recipe = recipe_for("cnn_ensemble3").replace(members=2, epochs=1)
+    train("cnn_ensemble3", recipe, out=tmp_path, progress=False, limit_train=100)
+    with pytest.raises(ValueError, match=r"shared_optimizer=True, but shared_optimizer=False.*"
+                                         r"--set shared_optimizer=true"):
+        train("cnn_ensemble3", recipe.replace(epochs=2, shared_optimizer=False), out=tmp_path, progress=False,
+              limit_train=100, resume=True)
+    with pytest.raises(ValueError, match=r"holds 2 member\(s\), but 3 were asked for.*--members 2"):
+        train("cnn_ensemble3", recipe.replace(epochs=2, members=3), out=tmp_path, progress=False,
+              limit_train=100, resume=True)
+    history = train("cnn_ensemble3", recipe.replace(epochs=2), out=tmp_path, progress=False, limit_train=100,
+                    resume=True)
+    assert [row["epoch"] for row in history["epochs"]] == [1, 2]

@@ -89,15 +89,25 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
 
     members = [build_member(model_name, seed=member_seed(seed, i)) for i in range(recipe.members)]
     n_batches = len(x_train) // recipe.batch_size if recipe.drop_last else -(-len(x_train) // recipe.batch_size)
-    optimizer = make_optimizer(recipe, n_batches)
-    variables = [v for m in members for v in m.trainable_variables]
-    optimizer.build(variables)  # Keras 3: one optimizer over several models must know all their variables up front
+    if recipe.shared_optimizer or len(members) == 1:
+        # the tutorial: one optimizer for all members, stepped once per member per batch
+        optimizer = make_optimizer(recipe, n_batches)
+        optimizer.build([v for m in members for v in m.trainable_variables])  # Keras 3: all variables up front
+        optimizers = [optimizer] * len(members)
+        saved_optimizers = {"optimizer": optimizer}
+    else:  # the corrected ensemble: each member its own optimizer, step counter and schedule
+        optimizers = [make_optimizer(recipe, n_batches) for _ in members]
+        for opt, m in zip(optimizers, members):
+            opt.build(m.trainable_variables)
+        optimizer = optimizers[0]
+        saved_optimizers = {f"optimizer{i}": opt for i, opt in enumerate(optimizers)}
 
     epoch_var = tf.Variable(0, dtype=tf.int64, name="epoch")
-    checkpoint = tf.train.Checkpoint(optimizer=optimizer, epoch=epoch_var,
+    checkpoint = tf.train.Checkpoint(**saved_optimizers, epoch=epoch_var,
                                      **{f"member{i}": m for i, m in enumerate(members)})
     manager = tf.train.CheckpointManager(checkpoint, directory / "checkpoints", max_to_keep=3)
     if resume and manager.latest_checkpoint:
+        _check_resume_layout(manager.latest_checkpoint, recipe, [*saved_optimizers, "epoch"], len(members))
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         previous = directory / "history.json"
         if previous.exists():
@@ -106,7 +116,7 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
     def loss_fn(logits, labels):
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
-    def make_step(model):
+    def make_step(model, optimizer):
         @tf.function(reduce_retracing=True)
         def step(images, labels):
             with tf.GradientTape() as tape:
@@ -123,7 +133,7 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
 
         return step
 
-    steps = [make_step(m) for m in members]
+    steps = [make_step(m, opt) for m, opt in zip(members, optimizers)]
 
     @tf.function(reduce_retracing=True)
     def predict(images):
@@ -183,6 +193,26 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
     result = history.as_dict()
     result["models"] = members
     return result
+
+
+def _check_resume_layout(path: str, recipe: Recipe, names: list[str], members: int) -> None:
+    """A checkpoint of another member count or optimizer sharing would fail deep in `tf.train.Checkpoint`; say
+    which setting differs instead."""
+    from tensorflow.core.protobuf.trackable_object_graph_pb2 import TrackableObjectGraph
+
+    graph = TrackableObjectGraph()  # the checkpoint's objects (variable names follow their first path only)
+    graph.ParseFromString(tf.train.load_checkpoint(path).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    saved = {child.local_name for child in graph.nodes[0].children} - {"save_counter"}
+    saved_members = sum(name.startswith("member") for name in saved)
+    if saved_members != members:
+        raise ValueError(f"this checkpoint holds {saved_members} member(s), but {members} were asked for; resume it "
+                         f"with --members {saved_members}, or start a new run in another --out directory")
+    saved_shared = "optimizer" in saved
+    if {n for n in saved if not n.startswith("member")} != set(names):
+        raise ValueError(f"this checkpoint was trained with shared_optimizer={saved_shared}, but "
+                         f"shared_optimizer={recipe.shared_optimizer} was asked for; resume it with "
+                         f"--set shared_optimizer={str(saved_shared).lower()}, or start a new run in another "
+                         f"--out directory")
 
 
 def current_lr_at(optimizer) -> float:

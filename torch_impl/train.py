@@ -50,7 +50,7 @@ def module_arguments(model_name: str, recipe: Recipe) -> dict:
     """The `ClassifierModule` arguments of `recipe` (also what `parity convert` writes into a checkpoint)."""
     return {"model_name": model_name, "members": recipe.members, "optimizer": recipe.optimizer, "lr": recipe.lr,
             "epsilon": recipe.epsilon, "lr_decay_rate": recipe.lr_decay_rate,
-            "lr_decay_epochs": recipe.lr_decay_epochs,
+            "lr_decay_epochs": recipe.lr_decay_epochs, "shared_optimizer": recipe.shared_optimizer,
             # tutorial 001's loop: eval-mode train accuracy and a second training-mode pass after each update
             "train_acc_after_step": recipe.loop == "tape", "second_pass": recipe.loop == "tape"}
 
