@@ -508,3 +508,21 @@ def test_tf_resume_with_other_optimizer_sharing_is_a_clear_error(tf, tmp_path):
     history = train("cnn_ensemble3", recipe.replace(epochs=2), out=tmp_path, progress=False, limit_train=100,
                     resume=True)
     assert [row["epoch"] for row in history["epochs"]] == [1, 2]
+
+
+@pytest.mark.parametrize("recipe_name", sorted(RECIPES))
+def test_long_runs_keep_checkpoints_chosen_without_the_test_set(recipe_name, tmp_path):
+    """Tutorial 004 evaluates the test set every epoch; keeping the checkpoints with the best test accuracy would
+    select a model on the test set. Long runs keep the best by validation accuracy, or the latest without one."""
+    from torch_impl.train import epoch_checkpoints
+
+    recipe = RECIPES[recipe_name]
+    for epochs in (recipe.epochs, 200):
+        callback = epoch_checkpoints(recipe.replace(epochs=epochs), tmp_path)
+        assert callback.monitor is None or not callback.monitor.startswith("test"), (recipe_name, callback.monitor)
+        if epochs <= 20:
+            assert callback.save_top_k == -1  # every epoch
+        elif recipe.split == "full":
+            assert (callback.monitor, callback.save_top_k) == (None, 1)
+        else:
+            assert (callback.monitor, callback.mode, callback.save_top_k) == ("val_acc", "max", 3)
