@@ -526,3 +526,83 @@ def test_long_runs_keep_checkpoints_chosen_without_the_test_set(recipe_name, tmp
             assert (callback.monitor, callback.save_top_k) == (None, 1)
         else:
             assert (callback.monitor, callback.mode, callback.save_top_k) == ("val_acc", "max", 3)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _keras_early_stopping(values, patience):
+    """(epochs run, best epoch, 1-based) of Keras's EarlyStopping(restore_best_weights=True) fed `values`."""
+    import keras
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.stop_training = False
+    callback = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, value in enumerate(values):
+        callback.on_epoch_end(epoch, {"val_loss": value})
+        if model.stop_training:
+            break
+    return epoch + 1, callback.best_epoch + 1
+
+
+def _lightning_early_stopping(values, patience):
+    """The same through `Trainer.fit` with the port's KerasEarlyStopping and RestoreBestWeights."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from torch_impl.callbacks import KerasEarlyStopping, RestoreBestWeights
+
+    class Scripted(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - 1.0).pow(2).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.tensor(values[self.current_epoch]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
+    restore = RestoreBestWeights(monitor="val_loss")
+    trainer = L.Trainer(max_epochs=len(values), accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[KerasEarlyStopping(monitor="val_loss", patience=patience), restore])
+    trainer.fit(Scripted(), loader, loader)
+    return trainer.current_epoch, restore.best_epoch
+
+
+@pytest.mark.parametrize("values", [
+    [1.0, 0.9, 0.8, 0.85, 0.86, 0.87, 0.9, 0.95],  # finite: stops 3 epochs after the best
+    [1.0, 0.9, NAN, NAN, NAN, 0.5, 0.4, 0.3],  # diverged: Keras counts NaN epochs as no improvement
+    [NAN, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4],  # a NaN first epoch is Keras's best for good
+    [INF, 1.0, 0.9, 1.1, 1.2, 1.3, 1.4, 1.5],
+    [1.0, 0.9, INF, 0.8, INF, INF, INF, 0.1],
+], ids=["finite", "nan_mid_run", "nan_first", "inf_first", "inf_mid_run"])
+def test_early_stopping_stops_and_restores_where_keras_does(tf, values):
+    """Lightning's EarlyStopping stops at once on a NaN or infinite val_loss; Keras counts it as an epoch without
+    improvement. The port's KerasEarlyStopping must stop after as many epochs as Keras's and restore the same epoch."""
+    assert _lightning_early_stopping(values, patience=3) == _keras_early_stopping(values, patience=3)
+
+
+def test_keras_early_stopping_resumes_from_lightnings_checkpoint_state():
+    """Same state key as Lightning's EarlyStopping (checkpoints of either resume with the other); a saved state
+    without `seen_first` is read from its best score."""
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from torch_impl.callbacks import KerasEarlyStopping
+
+    ours, lightnings = KerasEarlyStopping("val_loss", patience=10), EarlyStopping("val_loss", patience=10)
+    assert ours.state_key == lightnings.state_key
+    for best, seen in ((torch.tensor(0.3), True), (torch.tensor(INF), False)):
+        lightnings.best_score, lightnings.wait_count = best, 4
+        resumed = KerasEarlyStopping("val_loss", patience=10)
+        resumed.load_state_dict(torch.load(_saved(lightnings.state_dict()), weights_only=False))
+        assert (resumed.seen_first, resumed.wait_count) == (seen, 4)

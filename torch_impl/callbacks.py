@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
 
 from parity.runs import TB_TAGS, History, derived_seed
 
@@ -117,6 +117,43 @@ class SetAsideCheckpoints(Callback):
             target = self.dirpath.with_name(f"{self.dirpath.name}.replaced-{stamp}-{n}")
         self.dirpath.rename(target)
         print(f"a new run in {self.dirpath.parent}: the earlier run's checkpoints are now in {target}", flush=True)
+
+
+class KerasEarlyStopping(EarlyStopping):
+    """Lightning's `EarlyStopping` deciding as Keras's `EarlyStopping` does where the two differ: on values that are
+    not finite.
+
+    - Lightning stops at once on a NaN or infinite value (`check_finite=True`); Keras counts it as an epoch without
+      improvement (every comparison with NaN is false) and goes on until `patience` runs out.
+    - Keras takes the first epoch's value as the best whatever it is; after a NaN first epoch nothing improves on it,
+      and training stops `patience` epochs later (Lightning would wait for the first finite value instead).
+    Finite values: both count epochs without improvement and stop when the count reaches `patience`.
+    """
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 10, mode: str = "min", **kwargs):
+        super().__init__(monitor=monitor, patience=patience, mode=mode, check_finite=False, **kwargs)
+        self.seen_first = False
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's EarlyStopping key, so that checkpoints written with either resume with the other
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode).replace(
+            type(self).__qualname__, EarlyStopping.__qualname__, 1)
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        if self.seen_first:
+            return super()._evaluate_stopping_criteria(current)
+        self.seen_first = True
+        self.best_score, self.wait_count = current.detach().clone(), 0
+        return False, None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "seen_first": self.seen_first}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # a checkpoint of Lightning's EarlyStopping: its best is still the initial infinity until a value improved
+        self.seen_first = state_dict.get("seen_first", bool(torch.isfinite(torch.as_tensor(self.best_score))))
 
 
 class RestoreBestWeights(Callback):

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from parity.catalog import Recipe, get_spec
 from parity.runs import History, member_seed, run_dir
-from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar, RestoreBestWeights, SetAsideCheckpoints
+from torch_impl.callbacks import (EpochSeed, HistoryWriter, KerasEarlyStopping, KerasProgressBar, RestoreBestWeights,
+                                  SetAsideCheckpoints)
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.distributed import KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank
@@ -109,7 +110,7 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
     ]
     if recipe.early_stopping_patience:
         # Keras's EarlyStopping(patience=10, restore_best_weights=True) on val_loss
-        callbacks += [EarlyStopping(monitor="val_loss", patience=recipe.early_stopping_patience, mode="min"),
+        callbacks += [KerasEarlyStopping(monitor="val_loss", patience=recipe.early_stopping_patience, mode="min"),
                       RestoreBestWeights(monitor="val_loss", mode="min")]
     distributed = {}
     if world_size > 1:
