@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,24 @@ def test_torch_only_bench_never_imports_tensorflow(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["eager", "fit"]
     assert all(r["status"] == "ok" and r["tf_imported"] is False and r["ratio_to_tf"] is None for r in rows)
+
+
+def test_layer_bench_runs_end_to_end_on_a_tiny_budget(tf, tmp_path):
+    """`scripts/layer_bench.py` (BENCHMARKS.md, "where the remaining gap is"): every part timed in both frameworks,
+    the numbers in its JSON; with oneDNN's verbose lines on, which the libraries print to stdout, the workers'
+    answers still get through."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "layers.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "layer_bench.py"
+    result = subprocess.run([sys.executable, str(script), "--repeats", "1", "--iters", "1", "--batch", "8",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "ONEDNN_VERBOSE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["part"] for row in rows][-1] == "whole step" and len(rows) == 9
+    for row in rows:
+        assert row["tf_ms"] > 0 and row["torch_ms"] > 0, row
+    assert "whole step" in result.stdout
