@@ -606,3 +606,14 @@ def test_keras_early_stopping_resumes_from_lightnings_checkpoint_state():
         resumed = KerasEarlyStopping("val_loss", patience=10)
         resumed.load_state_dict(torch.load(_saved(lightnings.state_dict()), weights_only=False))
         assert (resumed.seen_first, resumed.wait_count) == (seen, 4)
+
+
+def test_torch_resume_with_other_optimizer_sharing_is_a_clear_error(tmp_path):
+    from torch_impl.train import train
+
+    recipe = recipe_for("cnn_ensemble3").replace(members=2, epochs=1)
+    train("cnn_ensemble3", recipe, out=tmp_path, progress=False, limit_train=100)
+    with pytest.raises(ValueError, match=r"shared_optimizer=True, but shared_optimizer=False.*"
+                                         r"--set shared_optimizer="):
+        train("cnn_ensemble3", recipe.replace(epochs=2, shared_optimizer=False), out=tmp_path, progress=False,
+              limit_train=100, resume=True)

@@ -329,7 +329,7 @@ class ClassifierModule(L.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         flags = {"members": "--members"}
         if resuming:
-            flags.update(optimizer="--set optimizer=...", shared_optimizer="the recipe's")
+            flags.update(optimizer="--set optimizer=...", shared_optimizer="--set shared_optimizer=...")
         for name, flag in flags.items():
             if name in saved and name in wanted and saved[name] != wanted[name]:
                 raise ValueError(f"this checkpoint was trained with {name}={saved[name]!r}, but {name}="
