@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override any recipe field, e.g. --set shuffle=true --set scale=255 (see parity/catalog.py)")
     p.add_argument("--fix-quirks", action="store_true",
-                   help="the corrected variant: shifts -2..2 (001 best), pixels /255 (003), shuffling (004)")
+                   help="the corrected variant: an optimizer per member (001 ensembles; 001 best keeps its halving "
+                        "every 5 epochs), shifts -2..2 (001 best), pixels /255 (003), shuffling (004)")
     p.add_argument("--augment", choices=("tut001_online",),
                    help="torch only: draw tutorial 001's augmentation per batch on the device instead of "
                         "pre-generating 300k images")

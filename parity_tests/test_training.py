@@ -41,6 +41,15 @@ def test_config_is_the_recipe(config):
                      "augment": recipe.augment}
     assert {k: data[k] for k in expected_data} == expected_data
     assert cfg["trainer"]["max_epochs"] == recipe.epochs
+    # the checkpoints `parity train` keeps (Lightning's own default would keep only the newest epoch's)
+    from torch_impl.train import epoch_checkpoints
+
+    wanted = epoch_checkpoints(recipe, Path("unused"))
+    (checkpoint,) = [c["init_args"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert checkpoint.get("save_top_k", 1) == wanted.save_top_k
+    assert checkpoint.get("monitor") == wanted.monitor
+    if wanted.monitor:
+        assert checkpoint.get("mode", "min") == wanted.mode
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
