@@ -103,12 +103,12 @@ def test_accuracy_table_summarizes_finished_runs_only(tmp_path, capsys):
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
 
-    def write(framework, seed, acc, finished=True):
-        directory = tmp_path / "lenet_a" / framework / f"seed{seed}"
+    def write(framework, seed, acc, finished=True, model="lenet_a"):
+        directory = tmp_path / model / framework / f"seed{seed}"
         directory.mkdir(parents=True)
         epochs = [{"epoch": e, "val_loss": 1.0 / e if e <= 3 else 0.5, "test_acc": acc, "seconds": 5.0}
                   for e in range(1, 6)]
-        history = {"model": "lenet_a", "framework": framework, "recipe": {"name": "tut003"}, "seed": seed,
+        history = {"model": model, "framework": framework, "recipe": {"name": "tut003"}, "seed": seed,
                    "epochs": epochs, **({"test_acc": acc} if finished else {})}
         (directory / "history.json").write_text(json.dumps(history))
 
@@ -117,12 +117,17 @@ def test_accuracy_table_summarizes_finished_runs_only(tmp_path, capsys):
     write("torch", 0, 0.989)
     write("torch", 1, 0.991)
     write("torch", 2, 0.5, finished=False)
+    write("tf", 0, 0.985, model="lenet_b")  # one framework finished so far: a row with "-" for the other
+    write("torch", 0, 0.5, finished=False, model="lenet_b")
     assert table.main([str(tmp_path), "--json", str(tmp_path / "t.json")]) == 0
-    row = json.loads((tmp_path / "t.json").read_text())[0]
+    row, single = json.loads((tmp_path / "t.json").read_text())
     assert row["torch"]["runs"] == [0.989, 0.991] and row["tf"]["seeds"] == [0, 1]
     assert row["tf"]["best_epoch"] == [3, 3]  # early-stopping recipe: the epoch of the lowest val_loss
     assert row["diff"] == pytest.approx(-0.001)
-    assert "| `lenet_a` | tut003 | 98.82% | 99.10 ± 0.14% (2 seeds) | 99.00 ± 0.14% (2 seeds) |" in capsys.readouterr().out
+    assert single["tf"]["runs"] == [0.985] and "torch" not in single and single["diff"] is None
+    out = capsys.readouterr().out
+    assert "| `lenet_a` | tut003 | 98.82% | 99.10 ± 0.14% (2 seeds) | 99.00 ± 0.14% (2 seeds) |" in out
+    assert "| `lenet_b` | tut003 | 97.76% | 98.50% (1 seed) | - | - | - (Lightning run not finished) | 3 of 5 / - |" in out
 
 
 def test_full_length_runs_skips_finished_and_resumes_interrupted_runs(tmp_path):

@@ -8,6 +8,7 @@ model: the tutorial's number, each framework's mean ± std over its seeds, the d
 Welch 95% confidence interval, the verdict at the dataset's equivalence margin (MNIST 0.15 points, Fashion-MNIST 0.5;
 see RESULTS.md) and the epochs run (early stopping: the restored epoch of the epochs run). With one seed per framework
 there is no interval and no verdict: a single run's difference moves by a few tenths of a point from seed to seed.
+A model with finished runs in one framework only gets a row too, with "-" for the other framework.
 Seconds per epoch are in the JSON only: runs made while the machine did other work do not time the frameworks
 (BENCHMARKS.md does).
 """
@@ -39,12 +40,20 @@ def finished_runs(runs_dir: Path, model: str, framework: str) -> list[dict]:
 
 def summarize(runs_dir: Path, model: str) -> dict | None:
     runs = {fw: finished_runs(runs_dir, model, fw) for fw in ("tf", "torch")}
-    if not runs["tf"] or not runs["torch"]:
+    present = {fw: histories for fw, histories in runs.items() if histories}
+    if not present:
         return None
-    recipe = get_recipe(runs["tf"][0]["recipe"]["name"])
-    stats = accuracy_equivalence([h["test_acc"] for h in runs["tf"]], [h["test_acc"] for h in runs["torch"]],
-                                 MARGINS[recipe.dataset])
-    for fw, histories in runs.items():
+    recipe = get_recipe(next(iter(present.values()))[0]["recipe"]["name"])
+    if len(present) == 2:
+        stats = accuracy_equivalence([h["test_acc"] for h in runs["tf"]], [h["test_acc"] for h in runs["torch"]],
+                                     MARGINS[recipe.dataset])
+    else:  # one framework's runs so far: its accuracy, nothing to compare
+        stats = {"pass": None, "diff": None, "ci95": None, "margin": MARGINS[recipe.dataset]}
+        for fw, histories in present.items():
+            accs = [h["test_acc"] for h in histories]
+            stats[fw] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                         "runs": accs}
+    for fw, histories in present.items():
         stats[fw].update(
             seeds=[h["seed"] for h in histories],
             epochs_run=[len(h["epochs"]) for h in histories],
@@ -57,14 +66,18 @@ def summarize(runs_dir: Path, model: str) -> dict | None:
             "tutorial": spec.reported_accuracy, **stats}
 
 
-def _acc(stats: dict) -> str:
+def _acc(stats: dict | None) -> str:
+    if stats is None:
+        return "-"
     runs = stats["runs"]
     return (f"{stats['mean'] * 100:.2f} ± {stats['std'] * 100:.2f}% ({len(runs)} seeds)" if len(runs) > 1
             else f"{runs[0] * 100:.2f}% (1 seed)")
 
 
 def _epochs(row: dict, fw: str) -> str:
-    stats = row[fw]
+    stats = row.get(fw)
+    if stats is None:
+        return "-"
     if "best_epoch" in stats:  # per seed: the restored epoch of the epochs run
         return ", ".join(f"{b} of {n}" for b, n in zip(stats["best_epoch"], stats["epochs_run"]))
     runs = sorted(set(stats["epochs_run"]))
@@ -77,12 +90,16 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ci = row["ci95"]
-        diff = f"{row['diff'] * 100:+.2f}" + (f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else " (no CI)")
-        verdict = (("PASS" if row["pass"] else "FAIL") + f" at ±{row['margin'] * 100:.2f}" if ci
-                   else "- (needs 2+ seeds each)")
+        if row["diff"] is None:
+            missing = "Lightning" if row.get("torch") is None else "TF"
+            diff, verdict = "-", f"- ({missing} run not finished)"
+        else:
+            diff = f"{row['diff'] * 100:+.2f}" + (f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else " (no CI)")
+            verdict = (("PASS" if row["pass"] else "FAIL") + f" at ±{row['margin'] * 100:.2f}" if ci
+                       else "- (needs 2+ seeds each)")
         tutorial = f"{row['tutorial'] * 100:.2f}%" if row["tutorial"] else "-"
         lines.append(
-            f"| `{row['model']}` | {row['recipe']} | {tutorial} | {_acc(row['tf'])} | {_acc(row['torch'])} | {diff} | "
+            f"| `{row['model']}` | {row['recipe']} | {tutorial} | {_acc(row.get('tf'))} | {_acc(row.get('torch'))} | {diff} | "
             f"{verdict} | {_epochs(row, 'tf')} / {_epochs(row, 'torch')} |")
     return "\n".join(lines)
 
@@ -90,7 +107,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", type=Path)
-    parser.add_argument("--models", help="comma-separated (default: every model with finished runs in both)")
+    parser.add_argument("--models", help="comma-separated (default: every model with finished runs)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if not args.runs_dir.is_dir():
@@ -98,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models.split(",") if args.models else sorted(p.name for p in args.runs_dir.iterdir() if p.is_dir())
     rows = [row for row in (summarize(args.runs_dir, m) for m in models) if row is not None]
     if not rows:
-        print(f"no model in {args.runs_dir} has a finished run in both frameworks", file=sys.stderr)
+        print(f"no model in {args.runs_dir} has a finished run", file=sys.stderr)
         return 1
     print(markdown(rows))
     if args.json:
