@@ -4,6 +4,7 @@ table, write a report directory (Markdown + PNG plots) and, with --json, the num
     {"model": str, "versions": {...}, "levels": {
         "structure":  {"pass", "params": {"tf", "torch"}, "problems": [...]},
         "forward":    {"pass", "max_abs_diff": {"tf_to_torch", "torch_to_tf", "onnxruntime"}, "per_layer": {...},
+                       "max_abs_diff_float64": {"tf_to_torch", "torch_to_tf"},
                        "onnxruntime": {"status", "pass", "vs_torch", "vs_tf", "opset"}},
         "train_step": {"pass", "max_param_diff", "float64_max_rel_loss_diff", "float32_max_rel_loss_diff",
                        "steps"},
@@ -59,7 +60,7 @@ def level_structure(name: str) -> dict:
             "layers": len(a["layers"]), "problems": problems}
 
 
-def level_forward(name: str, x: np.ndarray, atol: float = 1e-5) -> dict:
+def level_forward(name: str, x: np.ndarray, atol: float = 1e-5, atol_float64: float = 1e-10) -> dict:
     from parity.crosscheck import first_divergence, forward_diffs
 
     out = {"max_abs_diff": {}, "per_layer": {}, "first_divergence": {}}
@@ -72,13 +73,20 @@ def level_forward(name: str, x: np.ndarray, atol: float = 1e-5) -> dict:
         divergence = first_divergence(layers, atol)
         out["first_divergence"][direction] = divergence and list(divergence)
         ok &= divergence is None
+    # float64: both frameworks have float64 kernels for every op in the catalog, so what is left is rounding
+    # (~1e-16 relative); 1e-10 absolute would catch any difference in what is computed
+    out["max_abs_diff_float64"] = {}
+    for direction in ("tf_to_torch", "torch_to_tf"):
+        layers = forward_diffs(name, direction, x, dtype="float64")["layers"]
+        out["max_abs_diff_float64"][direction] = max(v[0] for v in layers.values())
+        ok &= out["max_abs_diff_float64"][direction] <= atol_float64
     onnx = level_onnxruntime(name, x, atol)
     out["onnxruntime"] = onnx
     out["max_abs_diff"]["onnxruntime"] = max(onnx["vs_torch"], onnx["vs_tf"]) if onnx["status"] == "ok" else None
     if onnx["status"] != "not installed":
         ok &= onnx["pass"]
     out["pass"] = bool(ok)
-    out["tolerance"] = f"{atol} x max(1, |activation|max) per layer"
+    out["tolerance"] = f"{atol} x max(1, |activation|max) per layer; float64: {atol_float64} absolute"
     return out
 
 
@@ -361,7 +369,8 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
         else:
             column = f"onnxruntime {onnx['status']}"
         rows.append(("2 forward", verdict(levels["forward"]["pass"]),
-                     f"max abs diff tf->torch {f['tf_to_torch']:.2e}, torch->tf {f['torch_to_tf']:.2e}, {column}"))
+                     (f"max abs diff tf->torch {f['tf_to_torch']:.2e}, torch->tf {f['torch_to_tf']:.2e}"
+                      f"{_float64_column(levels['forward'])}, {column}")))
     if "train_step" in levels:
         t = levels["train_step"]
         rows.append(("3 train step", verdict(t["pass"]),
@@ -378,6 +387,11 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
                       f"{a['diff'] * 100:+.2f} pts, margin ±{a['margin'] * 100:.2f}{ci}; s/epoch tf "
                       f"{a['seconds_per_epoch']['tf']:.1f}, torch {a['seconds_per_epoch']['torch']:.1f}")))
     return rows
+
+
+def _float64_column(forward: dict) -> str:
+    f64 = forward.get("max_abs_diff_float64")
+    return f" (float64: {f64['tf_to_torch']:.1e}, {f64['torch_to_tf']:.1e})" if f64 else ""
 
 
 def run_compare(name: str, levels=LEVELS, epochs: int = 1, seeds: int = 1, out: Path | None = None,

@@ -5,6 +5,8 @@ TensorFlow's), so import this module before anything imports TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch  # noqa: F401  (before TensorFlow, see above)
 import torch.nn.functional as F
@@ -42,19 +44,25 @@ def _no_dropout_torch(model):
             module.p = 0.0
 
 
-def run_both(name: str, steps: int, members: int = 1, decay_steps: int | None = None, dtype: str = "float32"):
+@contextlib.contextmanager
+def keras_dtype(dtype: str):
+    """Keras models built inside compute in `dtype` (weights, activations, optimizer slots and schedule); the global
+    dtype policy is set as well as floatx, because once anything has read the policy it no longer follows floatx."""
     import keras
 
     floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    # the TF side's weights, optimizer slots and schedule in this dtype; the global dtype policy is set too,
-    # because once anything has read it, it no longer follows floatx
     keras.config.set_floatx(dtype)
     keras.config.set_dtype_policy(dtype)
     try:
-        return _run_both(name, steps, members, decay_steps, dtype)
+        yield
     finally:
         keras.config.set_floatx(floatx)
         keras.config.set_dtype_policy(policy)
+
+
+def run_both(name: str, steps: int, members: int = 1, decay_steps: int | None = None, dtype: str = "float32"):
+    with keras_dtype(dtype):
+        return _run_both(name, steps, members, decay_steps, dtype)
 
 
 def _run_both(name, steps, members, decay_steps, dtype):
@@ -156,14 +164,21 @@ def _mnist():
     return _MNIST
 
 
-
-
-def forward_diffs(name: str, direction: str, x: np.ndarray, tf_seed: int = 1, torch_seed: int = 2) -> dict:
-    """Build both models, transfer weights in `direction`, run `x` (NHWC float32) in inference mode.
+def forward_diffs(name: str, direction: str, x: np.ndarray, tf_seed: int = 1, torch_seed: int = 2,
+                  dtype: str = "float32") -> dict:
+    """Build both models in `dtype` ("float32" or "float64"), transfer weights in `direction`, run `x` (NHWC) in
+    inference mode.
 
     Returns {"layers": {layer: (max_abs_diff, max_abs_activation)}, "tf_out": array, "torch_out": array}, the
     torch activations compared in TF's layout (NHWC, and a flatten in (H, W, C) order).
     """
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"unknown dtype {dtype!r}; choose 'float32' or 'float64'")
+    with keras_dtype(dtype):
+        return _forward_diffs(name, direction, x.astype(dtype), tf_seed, torch_seed, dtype)
+
+
+def _forward_diffs(name, direction, x, tf_seed, torch_seed, dtype):
     from tf_ref.models import build_model as build_tf
     from tf_ref.models import intermediate_outputs as tf_intermediates
     from tf_ref.weights import get_weights as tf_get
@@ -175,7 +190,8 @@ def forward_diffs(name: str, direction: str, x: np.ndarray, tf_seed: int = 1, to
 
     if direction not in ("tf_to_torch", "torch_to_tf"):
         raise ValueError(f"unknown direction {direction!r}; choose 'tf_to_torch' or 'torch_to_tf'")
-    tf_model, torch_model = build_tf(name, seed=tf_seed), build_torch(name, seed=torch_seed).eval()
+    tf_model = build_tf(name, seed=tf_seed)
+    torch_model = build_torch(name, seed=torch_seed).to(getattr(torch, dtype)).eval()
     if direction == "tf_to_torch":
         torch_set(torch_model, tf_to_torch(name, tf_get(tf_model)))
     else:

@@ -21,6 +21,8 @@ def test_compare_writes_report_and_json(tf, tmp_path):
     assert levels["structure"]["pass"] is True
     assert set(levels["forward"]["max_abs_diff"]) == {"tf_to_torch", "torch_to_tf", "onnxruntime"}
     assert levels["forward"]["pass"] is True and max(levels["forward"]["max_abs_diff"].values()) <= 1e-3
+    assert set(levels["forward"]["max_abs_diff_float64"]) == {"tf_to_torch", "torch_to_tf"}
+    assert max(levels["forward"]["max_abs_diff_float64"].values()) <= 1e-10
     onnx = levels["forward"]["onnxruntime"]  # the dev extra installs onnxruntime: the column runs here
     assert onnx["status"] == "ok" and onnx["pass"] is True and max(onnx["vs_torch"], onnx["vs_tf"]) <= 1e-3
     assert "onnxruntime" in (out / "report.md").read_text()
