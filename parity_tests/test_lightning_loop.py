@@ -115,6 +115,21 @@ def test_lightning_cli_trains_with_the_keras_style_bar_unless_the_bar_is_off(tmp
     assert seeding.seed == cli.config.fit.seed_everything
 
 
+@pytest.mark.parametrize("extra, data_seed", [(["--seed_everything=7"], 7), (["--seed_everything=7", "--data.seed=3"], 3)])
+def test_lightning_cli_seeds_the_data_order_and_keeps_its_own_batch_split(tmp_path, extra, data_seed):
+    """Each `seed_everything` draws its own data order (before, every CLI seed shuffled with data seed 0), unless
+    `data.seed` is given; and the Trainer leaves the datamodule's sampler alone (Lightning's default,
+    use_distributed_sampler=True, would wrap GlobalBatchSampler's sampler in a DistributedSampler under DDP)."""
+    from torch_impl.cli import main
+
+    cli = main(["fit", "--config", str(Path(__file__).parent.parent / "configs" / "tut001_cnn.yaml"),
+                "--trainer.fast_dev_run=true", "--data.limit_train=200", "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={tmp_path}", *extra])
+    assert cli.datamodule.hparams.seed == data_seed
+    assert cli.trainer.train_dataloader.batch_sampler.seed == data_seed
+    assert cli.trainer._accelerator_connector.use_distributed_sampler is False
+
+
 class _Indices(torch.utils.data.Dataset):
     def __len__(self):
         return 40

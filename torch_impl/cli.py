@@ -21,7 +21,16 @@ from torch_impl.lightning_module import ClassifierModule
 class ParityCLI(LightningCLI):
     """LightningCLI whose Trainer shows `KerasProgressBar` (the epoch's running loss and accuracy, redrawn on a
     timer) unless the config names its own progress bar or sets `trainer.enable_progress_bar: false`, and seeds
-    dropout and augmentation per process and epoch (`EpochSeed`) from `seed_everything`."""
+    dropout and augmentation per process and epoch (`EpochSeed`) from `seed_everything`, which also seeds the data
+    order unless `data.seed` is given. The Trainer defaults to `use_distributed_sampler: false`: the datamodule
+    splits each global batch across DDP processes itself (`GlobalBatchSampler`), and Lightning's DistributedSampler
+    would replace that sampler and break it."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        seed = config.get("seed_everything")
+        if config.get("data.seed") is None and isinstance(seed, int) and not isinstance(seed, bool):
+            config["data.seed"] = seed
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -40,7 +49,7 @@ def main(args=None, run: bool = True) -> LightningCLI:
     keep_freed_memory()  # CPU speed only (torch_impl/cpu_tuning.py)
     tensorboard_without_tensorflow()  # Lightning's TensorBoard logger would import TensorFlow where it is installed
     return ParityCLI(ClassifierModule, MNISTDataModule, args=args, run=run, seed_everything_default=0,
-                     save_config_kwargs={"overwrite": True})
+                     trainer_defaults={"use_distributed_sampler": False}, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

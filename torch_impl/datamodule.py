@@ -116,18 +116,21 @@ class MNISTDataModule(L.LightningDataModule):
             distribution drawn per batch on the device: nothing extra in memory).
         data_dir: a directory holding the standard IDX files (tried before downloads and offline copies).
         limit_train: keep only the first N training images (before augmentation; smoke runs).
-        seed: seeds the pre-generated augmentation.
+        seed: seeds the training set's shuffle order and the pre-generated augmentation (None: 0; under the
+            LightningCLI, `seed_everything`, so that each seed of a run also draws its own data order).
         eval_batch_size: batch size for validation and test.
     """
 
     def __init__(self, dataset: str = "mnist", split: str = "full", batch_size: int = 100, scale: float = 255.0,
                  shuffle: bool = True, drop_last: bool = False, augment: str | None = None,
                  shift_low: int = -2, shift_high: int = 2, data_dir: str | None = None,
-                 limit_train: int | None = None, seed: int = 0, eval_batch_size: int = 1000, num_workers: int = 0):
+                 limit_train: int | None = None, seed: int | None = None, eval_batch_size: int = 1000, num_workers: int = 0):
         super().__init__()
         if augment not in (None, "tut001", "tut001_online"):
             raise ValueError(f"unknown augment {augment!r}; choose None, 'tut001' or 'tut001_online'")
         self.save_hyperparameters()
+        if seed is None:
+            self.hparams.seed = 0
         self.split = None
         self.eval_names: list[str] = []
 
