@@ -163,3 +163,58 @@ def test_member_parallel_rerun_assembles_the_new_members(tmp_path):
         second_epoch = torch.load(checkpoints / "epoch001.ckpt", map_location="cpu", weights_only=False)["state_dict"]
         for name, tensor in member.state_dict().items():
             torch.testing.assert_close(tensor, second_epoch[f"model.members.0.{name}"], rtol=0, atol=0)
+
+
+def test_member_parallel_resume_keeps_finished_members_and_resumes_the_interrupted_one(tmp_path, monkeypatch):
+    """A requeued member-parallel job (`--ensemble-mode members --resume`, as scripts/slurm_ensemble.sbatch runs
+    it) trains only what is missing: a finished member is kept as it is, an interrupted one continues from its own
+    last checkpoint instead of starting again."""
+    import shutil
+
+    import torch_impl.train
+    from parity.catalog import recipe_for
+    from torch_impl.train import train_member_parallel
+
+    recipe = recipe_for("cnn_ensemble3").replace(members=2, epochs=2)
+    kwargs = {"out": tmp_path, "progress": False, "limit_train": 200, "accelerator": "cpu"}
+    train_member_parallel("cnn_ensemble3", recipe, **kwargs)
+    members = tmp_path / "cnn_ensemble3" / "torch" / "seed0" / "members"
+    kept = (members / "member0" / "final.pt").read_bytes()
+    # member 1 interrupted after its first epoch: no final weights, its last checkpoint is the first epoch's
+    (members / "member1" / "done").unlink()
+    (members / "member1" / "final.pt").unlink()
+    checkpoints = members / "member1" / "checkpoints"
+    (checkpoints / "epoch001.ckpt").unlink()
+    shutil.copy(checkpoints / "epoch000.ckpt", checkpoints / "last.ckpt")
+    first_epoch_written = (checkpoints / "epoch000.ckpt").stat().st_mtime_ns
+
+    fits = []
+    real_fit = torch_impl.train._fit
+    monkeypatch.setattr(torch_impl.train, "_fit", lambda name, r, directory, **kw: fits.append(
+        (Path(directory).name, kw["resume"])) or real_fit(name, r, directory, **kw))
+    result = train_member_parallel("cnn_ensemble3", recipe, resume=True, **kwargs)
+
+    assert fits == [("member1", True)], f"expected only member 1 to be trained, resumed; got {fits}"
+    assert (members / "member0" / "final.pt").read_bytes() == kept
+    assert (checkpoints / "epoch000.ckpt").stat().st_mtime_ns == first_epoch_written, "member 1 started again"
+    assert not list(checkpoints.parent.glob("checkpoints.replaced-*")), "member 1's checkpoints were set aside"
+    second_epoch = torch.load(checkpoints / "epoch001.ckpt", map_location="cpu", weights_only=False)
+    assert second_epoch["epoch"] == 1
+    for name, tensor in result["models"][0].members[1].state_dict().items():
+        torch.testing.assert_close(tensor, second_epoch["state_dict"][f"model.members.0.{name}"], rtol=0, atol=0)
+
+
+def test_resume_takes_the_newest_of_last_and_slurm_checkpoints(tmp_path):
+    """Lightning writes `hpc_ckpt_<n>.ckpt` into the run directory (the Trainer's default_root_dir) when SLURM
+    signals a requeue, possibly mid-epoch and after the last epoch's `last.ckpt`; `--resume` takes the newer."""
+    from torch_impl.train import resume_checkpoint
+
+    assert resume_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
+    for path, mtime in ((last, 1_000), (hpc, 2_000)):
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+    assert resume_checkpoint(tmp_path) == hpc
+    os.utime(last, (3_000, 3_000))
+    assert resume_checkpoint(tmp_path) == last

@@ -70,6 +70,14 @@ def epoch_checkpoints(recipe: Recipe, dirpath: Path) -> ModelCheckpoint:
                            save_last=True, **keep)
 
 
+def resume_checkpoint(directory: Path) -> Path | None:
+    """The newest of the run's `checkpoints/last.ckpt` and the `hpc_ckpt_<n>.ckpt` files Lightning writes into the
+    run directory when SLURM preempts the job (its signal may come mid-epoch, after the last epoch's checkpoint)."""
+    candidates = [directory / "checkpoints" / "last.ckpt", *Path(directory).glob("hpc_ckpt_*.ckpt")]
+    existing = [path for path in candidates if path.is_file()]
+    return max(existing, key=lambda path: path.stat().st_mtime_ns) if existing else None
+
+
 def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=None, progress: bool = True,
           limit_train: int | None = None, resume: bool = False, deterministic: bool = False,
           augment: str | None = None, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
@@ -83,7 +91,7 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
     if ensemble_mode == "members":
         return train_member_parallel(model_name, recipe, seed=seed, out=out, data_dir=data_dir, progress=progress,
                                      limit_train=limit_train, deterministic=deterministic, augment=augment,
-                                     accelerator=accelerator, devices=devices, num_nodes=num_nodes)
+                                     accelerator=accelerator, devices=devices, num_nodes=num_nodes, resume=resume)
     directory = run_dir(out, model_name, "torch", seed)
     return _fit(model_name, recipe, directory, seed=seed, data_dir=data_dir, progress=progress,
                 limit_train=limit_train, resume=resume, deterministic=deterministic, augment=augment,
@@ -130,11 +138,12 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=deterministic,
+        default_root_dir=directory,  # where Lightning's SLURM requeue (SIGUSR1) writes hpc_ckpt_<n>.ckpt
         use_distributed_sampler=False,  # the datamodule splits each global batch across processes itself
         **distributed,
         **(trainer_kwargs or {}),
     )
-    ckpt_path = "last" if resume and (directory / "checkpoints" / "last.ckpt").exists() else None
+    ckpt_path = resume_checkpoint(directory) if resume else None
     if resume and ckpt_path is None:
         print(f"--resume: no checkpoints/last.ckpt in {directory}; starting a new run", flush=True)
     if ckpt_path is None:
@@ -161,7 +170,7 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
 def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=None,
                           progress: bool = True, limit_train: int | None = None, deterministic: bool = False,
                           augment: str | None = None, accelerator: str = "auto", devices: int = 1,
-                          num_nodes: int = 1) -> dict:
+                          num_nodes: int = 1, resume: bool = False) -> dict:
     """Each process trains its share of the members (member k on rank k % world size), each on the full data with
     its own optimizer and seed (`parity.runs.member_seed(seed, k)`); rank 0 then assembles the ensemble from the
     members' final weights into `checkpoints/ensemble.ckpt` and evaluates it.
@@ -169,11 +178,12 @@ def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out
     Under torchrun or srun every launched process takes its share; otherwise this spawns `devices` local
     processes. The members do not share an optimizer (the tutorial's shared step counter couples them), so this
     is the corrected "independent members" variant; its learning-rate schedule counts each member's own steps.
+    `resume`: members that finished are kept, an interrupted member resumes from its own newest checkpoint.
     """
     directory = run_dir(out, model_name, "torch", seed)
     member_recipe = recipe.replace(members=1)
     kwargs = {"seed": seed, "data_dir": data_dir, "progress": progress, "limit_train": limit_train,
-              "deterministic": deterministic, "augment": augment, "accelerator": accelerator}
+              "deterministic": deterministic, "augment": augment, "accelerator": accelerator, "resume": resume}
     layout = launched_rank()
     started = time.perf_counter()
     if layout is not None:
@@ -214,10 +224,13 @@ def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory:
     member_name = get_spec(model_name).member or model_name
     for k in members_of_rank(members, rank, world):
         target = _member_dir(directory, k)
+        if kwargs["resume"] and (target / "done").exists() and (target / "final.pt").exists():
+            print(f"--resume: member {k} finished before; kept", flush=True)
+            continue
         (target / "done").unlink(missing_ok=True)
         kw = dict(kwargs, seed=member_seed(kwargs["seed"], k))
         devices = [local_rank] if torch.cuda.is_available() and kwargs["accelerator"] != "cpu" else 1
-        result = _fit(member_name, member_recipe, target, resume=False, devices=devices, num_nodes=1,
+        result = _fit(member_name, member_recipe, target, devices=devices, num_nodes=1,
                       ensemble_mode="loop", trainer_kwargs=None, **kw)
         # the member as its run ended (for 003: the best epoch's weights, restored after the last checkpoint)
         torch.save(result["models"][0].state_dict(), target / "final.pt")
