@@ -878,12 +878,14 @@ def cmd_bench(args) -> int:
 
 
 def add_bench_parser(sub) -> None:
+    from parity.compare import HelpFormatter
+
     p = sub.add_parser(
         "bench", help="training speed and memory, TF reference vs PyTorch port, side by side",
         description="Time training steps of catalog models in both frameworks (and several PyTorch variants), each "
                     "in its own process, repeats alternating; print images/s, the ratio to TF, CPU time and peak "
                     "memory. See parity/bench.py for the variants and the JSON format.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--models", help="comma-separated catalog names, NAME:M for M members, or 'all' "
                                     "(default: cnn,bn_cnn:5; with --scale: bn_cnn:1,bn_cnn:3,bn_cnn:5)")
     p.add_argument("--batch-sizes", help="comma-separated (default: each model's recipe batch; --scale: 32,100,256)")

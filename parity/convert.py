@@ -731,6 +731,8 @@ def cmd_convert(args) -> int:
 
 
 def add_convert_parser(sub) -> None:
+    from parity.compare import HelpFormatter
+
     endings = ", ".join(FORMATS)
     p = sub.add_parser(
         "convert", help="convert a trained model between .keras / .weights.h5 / .npz / Lightning .ckpt / .onnx",
@@ -738,7 +740,7 @@ def add_convert_parser(sub) -> None:
                     "converted file is read back and run next to the source on a batch of test images before it "
                     "is put in place; the command fails, writing nothing, if the logits differ by more than "
                     "atol x max(1, |logits|).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("model", choices=TRAINABLE_MODEL_NAMES, metavar="MODEL",
                    help=f"one of: {', '.join(TRAINABLE_MODEL_NAMES)}")
     p.add_argument("src", type=Path, metavar="SRC", help="the file to read")

@@ -170,3 +170,17 @@ def test_full_length_runs_skips_finished_and_resumes_interrupted_runs(tmp_path):
         f"train cnn --framework torch --seed 1 {common}",
     ]
     assert "skip cnn tf seed 0 (finished)" in result.stdout
+
+
+def test_accuracy_row_shows_a_spread_only_for_several_seeds():
+    from parity.compare import table_rows
+
+    def row(tf_runs, torch_runs):
+        stats = {k: {"mean": float(np.mean(r)), "std": float(np.std(r, ddof=1)) if len(r) > 1 else 0.0, "runs": r}
+                 for k, r in (("tf", tf_runs), ("torch", torch_runs))}
+        accuracy = {"pass": True, **stats, "seeds": len(tf_runs), "epochs": 1, "diff": 0.0, "ci95": None,
+                    "margin": 0.005, "seconds_per_epoch": {"tf": 1.0, "torch": 1.0}}
+        return table_rows({"levels": {"accuracy": accuracy}})[0][2]
+
+    assert row([0.9866], [0.9818]).startswith("tf 98.66%, torch 98.18% (1 seed(s)")
+    assert row([0.985, 0.987], [0.983, 0.985]).startswith("tf 98.60±0.14%, torch 98.40±0.14% (2 seed(s)")
