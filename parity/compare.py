@@ -381,14 +381,14 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
         a = levels["accuracy"]
         ci = f", 95% CI of diff [{a['ci95'][0] * 100:+.3f}, {a['ci95'][1] * 100:+.3f}] pts" if a["ci95"] else ""
         rows.append(("4 accuracy", verdict(a["pass"]),
-                     (f"tf {_mean_std(a['tf'])}, torch {_mean_std(a['torch'])} "
+                     (f"tf {_percent(a['tf'])}, torch {_percent(a['torch'])} "
                       f"({a['seeds']} seed(s), {a['epochs']} epoch(s)); diff "
                       f"{a['diff'] * 100:+.2f} pts, margin ±{a['margin'] * 100:.2f}{ci}; s/epoch tf "
                       f"{a['seconds_per_epoch']['tf']:.1f}, torch {a['seconds_per_epoch']['torch']:.1f}")))
     return rows
 
 
-def _mean_std(stats: dict) -> str:
+def _percent(stats: dict) -> str:
     """"98.66%" for one run (no spread to show), "98.66±0.12%" for several."""
     spread = f"±{stats['std'] * 100:.2f}" if len(stats.get("runs", ())) > 1 else ""
     return f"{stats['mean'] * 100:.2f}{spread}%"
@@ -423,8 +423,6 @@ def run_compare(name: str, levels=LEVELS, epochs: int = 1, seeds: int = 1, out: 
                 x = np.random.default_rng(0).random((8, *spec.input_shape), dtype=np.float32)
             result["levels"]["forward"] = level_forward(name, x)
         elif level == "train_step":
-            if not spec.recipe:
-                continue
             result["levels"]["train_step"] = level_train_step(name, train_steps)
         elif level == "accuracy":
             if not spec.recipe:

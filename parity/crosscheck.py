@@ -61,8 +61,51 @@ def keras_dtype(dtype: str):
 
 
 def run_both(name: str, steps: int, members: int = 1, decay_steps: int | None = None, dtype: str = "float32"):
+    """`steps` optimizer steps in each framework from the same weights on the same batches; returns the two loss
+    curves and the largest parameter difference after the first step."""
     with keras_dtype(dtype):
+        if not get_spec(name).recipe:
+            return _run_regression(name, steps, dtype)
         return _run_both(name, steps, members, decay_steps, dtype)
+
+
+def _run_regression(name, steps, dtype):
+    """A model without a recipe (the residual block: tutorial 001 only builds it, and its output is a feature map,
+    not logits): Keras's default Adam on a regression of random inputs to random targets (mean squared error)."""
+    import keras
+    import tensorflow as tf
+
+    from tf_ref.models import build_model as build_tf
+    from tf_ref.weights import get_weights as tf_get
+    from torch_impl.lightning_module import build_optimizer
+    from torch_impl.models import build_model as build_torch
+    from torch_impl.weights import get_weights as torch_get
+    from torch_impl.weights import set_weights as torch_set
+
+    spec = get_spec(name)
+    tf_model = build_tf(name, seed=0)
+    torch_model = build_torch(name, seed=1).to(getattr(torch, dtype))
+    torch_set(torch_model, tf_to_torch(name, tf_get(tf_model)))
+    tf_opt = keras.optimizers.Adam(learning_rate=1e-3, epsilon=1e-7)
+    torch_opt = build_optimizer(torch_model.parameters(), "adam", 1e-3, 1e-7)
+    rng = np.random.default_rng(0)
+    out_shape = (4, *spec.layers[-1].output_shape)
+    tf_losses, torch_losses, first_step = [], [], None
+    for step in range(steps):
+        x, target = rng.standard_normal((4, *spec.input_shape)).astype(dtype), rng.standard_normal(out_shape).astype(dtype)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(tf_model(x, training=True) - target))
+        tf_opt.apply_gradients(zip(tape.gradient(loss, tf_model.trainable_variables), tf_model.trainable_variables))
+        out = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2))
+        torch_loss = torch.mean((out - torch.from_numpy(target).permute(0, 3, 1, 2)) ** 2)
+        torch_opt.zero_grad(set_to_none=True)
+        torch_loss.backward()
+        torch_opt.step()
+        tf_losses.append(float(loss))
+        torch_losses.append(float(torch_loss.detach()))
+        if step == 0:
+            first_step = max(float(np.abs(a - b).max()) for a, b in _paired(name, tf_get(tf_model), torch_get(torch_model)))
+    return np.array(tf_losses), np.array(torch_losses), first_step
 
 
 def _run_both(name, steps, members, decay_steps, dtype):
