@@ -11,7 +11,8 @@ training step (forward, loss, backward, optimizer update; no evaluation pass) wi
 the same uint8 batches scaled per batch (real MNIST when it is in the cache, synthetic otherwise).
 
 Variants: `tf` (the step as a `tf.function`, as `tf_ref/train.py` runs it), `eager` (plain `nn.Module`s and the
-Keras-semantics optimizer in a Python loop), `channels_last` (the same in NHWC memory format), `compiled`
+Keras-semantics optimizer in a Python loop), `channels_last` (the same in NHWC memory format), `bf16` (channels_last
+with the forward and loss under `torch.autocast(dtype=torch.bfloat16)`, opt-in: for GPUs), `compiled`
 (`torch.compile`, opt-in: minutes of compilation), `bare` / `fit` (the `ClassifierModule` in a hand-written loop /
 in `Trainer.fit` configured as `torch_impl/train.py` does, loggers and progress bar included: their ratio is
 Lightning's overhead), `vectorized_bare` / `vectorized_fit` (the same with `ensemble_mode="vectorized"`, for
@@ -27,7 +28,8 @@ threads), and the worker's peak resident memory (or the peak CUDA allocation).
 JSON (`--json PATH`): {"command", "device", "threads", "data", "steps", "repeats", "warmup", "hardware",
 "versions", "rows": [{"framework", "variant", "label", "model", "members", "batch", "steps", "status",
 "images_per_s", "images_per_s_runs", "ms_per_step", "cpu_ms_per_step", "ratio_to_tf", "ratio_to_tf_runs",
-"peak_rss_mb", "base_rss_mb", "cuda_peak_mb", "tf_imported", "threads"}], "lightning_overhead": [{"model",
+"peak_rss_mb", "base_rss_mb", "cuda_peak_mb", "tf_imported", "threads", "train_gflop_per_image", "gflops",
+"fraction_of_matmul"}], "matmul_gflops": {"float32", "bfloat16"}, "lightning_overhead": [{"model",
 "members", "batch", "mode", "fit_images_per_s", "bare_images_per_s", "overhead_pct"}], "memory": [{"framework",
 "recipe", "model", "members", "steps", "status", "peak_rss_mb", "base_rss_mb", "tf_imported"}], "scale": [{"framework", "variant",
 "model", "members", "batch", "ms_per_step"}]}. "memory" and "scale" appear with --memory / --scale.
@@ -51,10 +53,11 @@ from pathlib import Path
 
 from parity.catalog import RECIPES, TRAINABLE_MODEL_NAMES, get_spec, recipe_for
 
-VARIANTS = ("tf", "eager", "channels_last", "compiled", "bare", "fit", "vectorized_bare", "vectorized_fit")
+VARIANTS = ("tf", "eager", "channels_last", "bf16", "compiled", "bare", "fit", "vectorized_bare", "vectorized_fit")
 DEFAULT_VARIANTS = ("tf", "eager", "channels_last", "bare", "fit", "vectorized_bare", "vectorized_fit")
 LABELS = {
-    "tf": "tf.function", "eager": "eager", "channels_last": "eager channels_last", "compiled": "torch.compile",
+    "tf": "tf.function", "eager": "eager", "channels_last": "eager channels_last",
+    "bf16": "eager channels_last bf16", "compiled": "torch.compile",
     "bare": "Lightning bare loop", "fit": "Lightning Trainer.fit", "vectorized_bare": "vectorized bare loop",
     "vectorized_fit": "vectorized Trainer.fit",
 }
@@ -286,7 +289,9 @@ class _EagerWorker(_TorchWorker):
         images, labels = _load_data(source, seed)
         self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
         self.batch, self.n_batches, self.scale = cell.batch, _batches(len(images), cell.batch), float(recipe.scale)
-        self.memory_format = torch.channels_last if cell.variant == "channels_last" else torch.contiguous_format
+        self.memory_format = (torch.channels_last if cell.variant in ("channels_last", "bf16")
+                              else torch.contiguous_format)
+        self.autocast = cell.variant == "bf16"  # parameters and optimizer stay float32 (mixed precision)
         self.members = [build_member(cell.model, seed=seed + k).to(self.device, memory_format=self.memory_format)
                         for k in range(cell.members)]
         lr = recipe.lr
@@ -317,7 +322,8 @@ class _EagerWorker(_TorchWorker):
                 t0, c0 = time.perf_counter(), time.process_time()
             x, y = self._batch()
             for member, forward in zip(self.members, self.forwards):  # the tutorial's loop: one update per member
-                loss = self.loss(member, forward, x, y)
+                with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.autocast):
+                    loss = self.loss(member, forward, x, y)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -459,7 +465,7 @@ def make_worker(setup: dict):
     cell, source, device, threads = Cell(**setup["cell"]), setup["data"], setup["device"], setup["threads"]
     if cell.framework == "tf":
         return _TFWorker(cell, source, device, threads)
-    if cell.variant in ("eager", "channels_last", "compiled"):
+    if cell.variant in ("eager", "channels_last", "bf16", "compiled"):
         return _EagerWorker(cell, source, device, threads)
     return _LightningWorker(cell, source, device, threads)
 
@@ -726,7 +732,7 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 def format_rows(rows: list[dict]) -> str:
     header = (f"{'framework':9s}  {'variant':24s}  {'model':16s}  {'batch':>5s}  {'images/s':>9s}  {'ms/step':>8s}  "
-              f"{'cpu ms/step':>11s}  {'vs TF':>6s}  {'peak RSS MB':>11s}")
+              f"{'cpu ms/step':>11s}  {'vs TF':>6s}  {'peak RSS MB':>11s}  {'GFLOP/s':>8s}  {'of matmul':>9s}")
     lines = [header, "-" * len(header)]
     for r in rows:
         model = r["model"] if r["members"] == 1 or get_spec(r["model"]).members == r["members"] else \
@@ -739,7 +745,8 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(
             f"{r['framework']:9s}  {r['label']:24s}  {model:16s}  {r['batch']:5d}  {_fmt(r.get('images_per_s'), ',.0f'):>9s}  "
             f"{_fmt(r.get('ms_per_step'), '.1f'):>8s}  {_fmt(r.get('cpu_ms_per_step'), '.1f'):>11s}  {ratio:>6s}  "
-            f"{_fmt(memory, ',.0f'):>11s}")
+            f"{_fmt(memory, ',.0f'):>11s}  {_fmt(r.get('gflops'), ',.1f'):>8s}  "
+            f"{_fmt(r.get('fraction_of_matmul'), '.1%'):>9s}")
     return "\n".join(lines)
 
 
@@ -826,6 +833,35 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
+def arithmetic_rates(device: str, threads: int | None) -> dict:
+    """The device's measured matrix-multiply rate (GFLOP/s) in float32 and bfloat16."""
+    import torch
+
+    from torch_impl.flops import matmul_gflops
+
+    if threads:
+        torch.set_num_threads(threads)
+    return {"float32": matmul_gflops(device, torch.float32), "bfloat16": matmul_gflops(device, torch.bfloat16)}
+
+
+def add_work(rows: list[dict], rates: dict) -> None:
+    """FLOPs per image of each row's training step (`torch_impl.flops`, the same arithmetic in both frameworks),
+    the rate that makes at the row's images/s, and its fraction of the matrix-multiply rate of the row's dtype."""
+    from torch_impl.flops import flops_per_image
+
+    cache = {}
+    for row in rows:
+        if row["status"] != "ok" or not row.get("images_per_s"):
+            continue
+        key = (row["model"], row["members"])
+        if key not in cache:
+            cache[key] = flops_per_image(row["model"], train=True, members=row["members"]) / 1e9
+        row["train_gflop_per_image"] = cache[key]
+        row["gflops"] = row["images_per_s"] * cache[key]
+        rate = rates.get("bfloat16" if row["variant"] == "bf16" else "float32")
+        row["fraction_of_matmul"] = row["gflops"] / rate if rate else None
+
+
 def cmd_bench(args) -> int:
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--steps and --repeats must be >= 1, --warmup >= 0")
@@ -844,11 +880,15 @@ def cmd_bench(args) -> int:
           f"data: {source}; {args.steps} steps x {args.repeats} repeats after {args.warmup} warm-up steps "
           f"(an ensemble of M members: 1/M as many)", flush=True)
     if not args.memory_only:
+        result["matmul_gflops"] = arithmetic_rates(args.device, args.threads)
+        print("matrix-multiply rate, the reference for 'of matmul': " + ", ".join(
+            f"{dtype} {rate:,.0f} GFLOP/s" for dtype, rate in result["matmul_gflops"].items()), flush=True)
         groups = plan(args)
         shared = {} if args.scale else None  # --scale: one worker per variant for all cells (time, not memory)
         try:
             for group in groups:
                 rows = measure_group(group, args, source, shared)
+                add_work(rows, result["matmul_gflops"])
                 for row in rows:
                     result["versions"].update(row.pop("versions", {}))
                 result["rows"] += rows

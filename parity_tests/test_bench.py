@@ -68,13 +68,24 @@ def test_bench_runs_every_default_variant_on_a_tiny_budget(tf, tmp_path, capsys,
 def test_torch_only_bench_never_imports_tensorflow(tmp_path):
     """`--frameworks torch` is what runs on a GPU machine without TensorFlow: no TF in any process."""
     out = tmp_path / "bench.json"
-    status = main(["bench", "--models", "lenet_a", "--frameworks", "torch", "--variants", "eager,fit",
+    status = main(["bench", "--models", "lenet_a", "--frameworks", "torch", "--variants", "eager,bf16,fit",
                    "--batch-sizes", "16", "--steps", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
                    "--data", "synthetic", "--json", str(out)])
     assert status == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["eager", "fit"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["eager", "bf16", "fit"]
     assert all(r["status"] == "ok" and r["tf_imported"] is False and r["ratio_to_tf"] is None for r in rows)
+    # the arithmetic columns: FLOPs per image from the model, the rate at the measured speed, the share of the
+    # matrix-multiply rate of the row's dtype
+    assert set(result["matmul_gflops"]) == {"float32", "bfloat16"}
+    from torch_impl.flops import flops_per_image
+
+    for row in rows:
+        assert row["train_gflop_per_image"] == flops_per_image("lenet_a") / 1e9
+        assert row["gflops"] == pytest.approx(row["images_per_s"] * row["train_gflop_per_image"])
+        dtype = "bfloat16" if row["variant"] == "bf16" else "float32"
+        assert row["fraction_of_matmul"] == pytest.approx(row["gflops"] / result["matmul_gflops"][dtype])
 
 
 def test_layer_bench_runs_end_to_end_on_a_tiny_budget(tf, tmp_path):
