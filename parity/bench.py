@@ -37,7 +37,6 @@ JSON (`--json PATH`): {"command", "device", "threads", "data", "steps", "repeats
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

@@ -35,7 +35,6 @@ A `.ckpt` is a pickle, as every Lightning checkpoint is: convert only files you 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
