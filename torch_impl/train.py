@@ -78,6 +78,18 @@ def resume_checkpoint(directory: Path) -> Path | None:
     return max(existing, key=lambda path: path.stat().st_mtime_ns) if existing else None
 
 
+def _csv_version(directory: Path, resuming: bool) -> str:
+    """Lightning's CSV log of the run: `csv/metrics.csv`, and for each resumed segment `csv/resume<k>/metrics.csv`
+    (Lightning's CSVLogger deletes the metrics file it finds in its directory; history.json and history.csv, the
+    project's own, continue in place)."""
+    if not resuming or not (directory / "csv" / "metrics.csv").exists():
+        return ""
+    k = 1
+    while (directory / "csv" / f"resume{k}").exists():
+        k += 1
+    return f"resume{k}"
+
+
 def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=None, progress: bool = True,
           limit_train: int | None = None, resume: bool = False, deterministic: bool = False,
           augment: str | None = None, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
@@ -120,6 +132,7 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
         # Keras's EarlyStopping(patience=10, restore_best_weights=True) on val_loss
         callbacks += [KerasEarlyStopping(monitor="val_loss", patience=recipe.early_stopping_patience, mode="min"),
                       RestoreBestWeights(monitor="val_loss", mode="min")]
+    ckpt_path = resume_checkpoint(directory) if resume else None
     distributed = {}
     if world_size > 1:
         # The looped ensemble backpropagates one member at a time: the others' parameters are unused in that pass.
@@ -133,7 +146,7 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
         num_nodes=num_nodes,
         callbacks=callbacks,
         logger=[TensorBoardLogger(directory, name="tensorboard", version="lightning"),
-                CSVLogger(directory, name="csv", version="")],
+                CSVLogger(directory, name="csv", version=_csv_version(directory, ckpt_path is not None))],
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -143,7 +156,6 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
         **distributed,
         **(trainer_kwargs or {}),
     )
-    ckpt_path = resume_checkpoint(directory) if resume else None
     if resume and ckpt_path is None:
         print(f"--resume: no checkpoints/last.ckpt in {directory}; starting a new run", flush=True)
     if ckpt_path is None:
