@@ -271,13 +271,8 @@ def test_tf_fit_run_resumes(tf, tmp_path):
 
     recipe = recipe_for("lenet_a").replace(epochs=1)
     train("lenet_a", recipe, out=tmp_path, progress=False, limit_train=64)
-    run = tmp_path / "lenet_a" / "torch" / "seed0"
-    first_segment = (run / "csv" / "metrics.csv").read_text()
     history = train("lenet_a", recipe.replace(epochs=2), out=tmp_path, progress=False, limit_train=64, resume=True)
     assert [row["epoch"] for row in history["epochs"]] == [1, 2], history["epochs"]
-    # Lightning's CSV log of the first segment survives (its CSVLogger deletes the metrics file it finds)
-    assert (run / "csv" / "metrics.csv").read_text() == first_segment
-    assert (run / "csv" / "resume1" / "metrics.csv").exists()
     assert "test_acc" in history
 
 
