@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torch_impl.lightning_module import COMBINE, ClassifierModule, member_agreement
+from torch_impl.lightning_module import COMBINE, ClassifierModule, combine_members, member_agreement
 from torch_impl.models import Ensemble, VectorizedEnsemble, build_member
 from torch_impl.optim import ExponentialDecay, KerasAdam, KerasRMSprop, exponential_decay_lambda
 
@@ -284,6 +284,13 @@ def test_lightning_fit_test_and_checkpoints_across_modes(tmp_path):
     with torch.no_grad():
         direct = torch.cat([member_agreement(vectorized.member_logits(xb)) for xb, _ in loader]).float().mean()
     assert rows[0]["member_agreement"] == pytest.approx(float(direct))
+    # every combine rule's ensemble accuracy is reported, whichever one test_acc uses
+    for rule in COMBINE:
+        with torch.no_grad():
+            hits = torch.cat([(combine_members(vectorized.member_logits(xb), rule).argmax(-1) == yb)
+                              for xb, yb in loader]).float().mean()
+        assert rows[0][f"members_{rule}_test_acc"] == pytest.approx(float(hits)), rule
+    assert rows[0]["members_logits_test_acc"] == rows[0]["test_acc"]
 
     # loop -> vectorized through a checkpoint, too
     loop_path = tmp_path / "loop.ckpt"
@@ -318,3 +325,19 @@ def test_parity_train_and_lightning_cli_select_vectorized(tmp_path):
                          f"--trainer.default_root_dir={tmp_path / 'cli'}", "--trainer.enable_progress_bar=false"])
     assert cli.model.vectorized and isinstance(cli.model.model, VectorizedEnsemble)
     assert cli.trainer.global_step == 1
+
+
+def test_parity_train_prints_every_combine_rule_for_an_ensemble(tmp_path, capsys):
+    """`parity train` on an ensemble reports the member accuracies, their agreement and the ensemble accuracy of
+    each combine rule (sum of logits as the tutorial, mean probability, vote), not only the configured one."""
+    from parity.cli import main
+
+    status = main(["train", "cnn_ensemble3", "--framework", "torch", "--members", "2", "--epochs", "1",
+                   "--limit-train", "64", "--out", str(tmp_path), "--no-progress"])
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("member") and ": " in line)
+    assert status == 0
+    wanted = {"member0_test_acc", "member1_test_acc", "member_agreement", "members_logits_test_acc",
+              "members_probs_test_acc", "members_vote_test_acc"}
+    assert wanted <= printed.keys(), printed
+    assert all(0.0 <= float(value) <= 1.0 for value in printed.values())

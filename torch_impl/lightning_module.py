@@ -121,6 +121,9 @@ class ClassifierModule(L.LightningModule):
         self.eval_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in ("val", "test")})
         self.member_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(members))
         self.agreement = MeanMetric()  # fraction of test images on which all members predict the same class
+        # the test accuracy of every combine rule, whichever one `combine` selects for test_acc
+        self.rule_acc = nn.ModuleDict({rule: MulticlassAccuracy(num_classes, average="micro")
+                                       for rule in (COMBINE if members > 1 else ())})
         self.eval_names: list[str] = ["val", "test"]
 
     # ------------------------------------------------------------------ forward
@@ -245,6 +248,8 @@ class ClassifierModule(L.LightningModule):
                 metric.update(logits, y)
             if len(member_logits) > 1:
                 self.agreement.update(member_agreement(member_logits).float())
+                for rule, metric in self.rule_acc.items():
+                    metric.update(combine_members(member_logits, rule), y)
 
     def test_step(self, batch, batch_idx):
         self.validation_step(batch, batch_idx, dataloader_idx=len(self.eval_names) - 1)
@@ -269,13 +274,16 @@ class ClassifierModule(L.LightningModule):
                 row[f"member{i}_test_acc"] = float(metric.compute())
         if self.agreement.update_count:
             row["member_agreement"] = float(self.agreement.compute())
+        for rule, metric in self.rule_acc.items():
+            if metric.update_count:
+                row[f"members_{rule}_test_acc"] = float(metric.compute())
         if reset:
             self.reset_epoch_metrics()
         return row
 
     def reset_epoch_metrics(self) -> None:
         for metric in (self.train_loss, self.train_acc, *self.eval_loss.values(), *self.eval_acc.values(),
-                       *self.member_acc, self.agreement):
+                       *self.member_acc, self.agreement, *self.rule_acc.values()):
             metric.reset()
 
     def on_validation_epoch_end(self) -> None:

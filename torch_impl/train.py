@@ -175,6 +175,8 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
     result = history.history.as_dict()
     result["models"] = [module]
     result["is_global_zero"] = trainer.is_global_zero
+    # an ensemble's member accuracies, agreement and every combine rule's accuracy (`parity train` prints them)
+    result["members"] = {k: v for k, v in test.items() if k.startswith("member")}
     return result
 
 
