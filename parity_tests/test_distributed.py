@@ -203,18 +203,43 @@ def test_member_parallel_resume_keeps_finished_members_and_resumes_the_interrupt
     for name, tensor in result["models"][0].members[1].state_dict().items():
         torch.testing.assert_close(tensor, second_epoch["state_dict"][f"model.members.0.{name}"], rtol=0, atol=0)
 
+    # a resume with another recipe (one more epoch) continues every member instead of keeping the finished ones
+    fits.clear()
+    train_member_parallel("cnn_ensemble3", recipe.replace(epochs=3), resume=True, **kwargs)
+    assert fits == [("member0", True), ("member1", True)], fits
+    assert (members / "member0" / "checkpoints" / "epoch002.ckpt").exists()
+
 
 def test_resume_takes_the_newest_of_last_and_slurm_checkpoints(tmp_path):
-    """Lightning writes `hpc_ckpt_<n>.ckpt` into the run directory (the Trainer's default_root_dir) when SLURM
-    signals a requeue, possibly mid-epoch and after the last epoch's `last.ckpt`; `--resume` takes the newer."""
+    """Lightning writes `hpc_ckpt_<n>.ckpt` into the Trainer's default_root_dir (the run's checkpoint directory)
+    when SLURM signals a requeue, possibly mid-epoch and after the last epoch's `last.ckpt`; `--resume` takes the
+    newer."""
     from torch_impl.train import resume_checkpoint
 
     assert resume_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
-    last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
+    last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / "hpc_ckpt_1.ckpt"
     for path, mtime in ((last, 1_000), (hpc, 2_000)):
         path.write_bytes(b"x")
         os.utime(path, (mtime, mtime))
     assert resume_checkpoint(tmp_path) == hpc
     os.utime(last, (3_000, 3_000))
     assert resume_checkpoint(tmp_path) == last
+
+
+def test_a_new_run_sets_an_earlier_runs_slurm_checkpoint_aside(tmp_path):
+    """Without --resume, an `hpc_ckpt` left by an earlier, preempted run must not become the new run's start (under
+    SLURM Lightning would load it by itself): it is moved aside, not deleted. SLURM's checkpoints go to the run's
+    checkpoint directory (the Trainer's default_root_dir)."""
+    from parity.catalog import recipe_for
+    from torch_impl.train import train
+
+    run = tmp_path / "lenet_a" / "torch" / "seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "hpc_ckpt_1.ckpt").write_bytes(b"an earlier run's")
+    recipe = recipe_for("lenet_a").replace(epochs=1, early_stopping_patience=None)
+    result = train("lenet_a", recipe, out=tmp_path, progress=False, limit_train=64)
+    assert not list((run / "checkpoints").glob("hpc_ckpt_*"))
+    (moved,) = run.glob("hpc_checkpoints.replaced-*/hpc_ckpt_1.ckpt")
+    assert moved.read_bytes() == b"an earlier run's"
+    assert Path(result["models"][0].trainer.default_root_dir) == run / "checkpoints"

@@ -128,9 +128,8 @@ class MNISTDataModule(L.LightningDataModule):
         super().__init__()
         if augment not in (None, "tut001", "tut001_online"):
             raise ValueError(f"unknown augment {augment!r}; choose None, 'tut001' or 'tut001_online'")
+        seed = 0 if seed is None else seed
         self.save_hyperparameters()
-        if seed is None:
-            self.hparams.seed = 0
         self.split = None
         self.eval_names: list[str] = []
 

@@ -13,6 +13,7 @@ assembles the ensemble from their checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -71,11 +72,43 @@ def epoch_checkpoints(recipe: Recipe, dirpath: Path) -> ModelCheckpoint:
 
 
 def resume_checkpoint(directory: Path) -> Path | None:
-    """The newest of the run's `checkpoints/last.ckpt` and the `hpc_ckpt_<n>.ckpt` files Lightning writes into the
-    run directory when SLURM preempts the job (its signal may come mid-epoch, after the last epoch's checkpoint)."""
-    candidates = [directory / "checkpoints" / "last.ckpt", *Path(directory).glob("hpc_ckpt_*.ckpt")]
-    existing = [path for path in candidates if path.is_file()]
+    """The newest of the run's `checkpoints/last.ckpt` and the `checkpoints/hpc_ckpt_<n>.ckpt` files Lightning
+    writes when SLURM signals a requeue (the Trainer's default_root_dir is the checkpoint directory).
+
+    A requeue signal can come mid-epoch, after the last epoch's checkpoint. Resuming from such a file restores the
+    weights, optimizer and step counter exactly, but not the position in the epoch's data order (the batch sampler
+    keeps no state, and Lightning replays the epoch's order from its start): the rest of that epoch sees its first
+    batches again instead of its last ones. Later epochs are unaffected."""
+    checkpoints = Path(directory) / "checkpoints"
+    existing = [path for path in (checkpoints / "last.ckpt", *checkpoints.glob("hpc_ckpt_*.ckpt")) if path.is_file()]
     return max(existing, key=lambda path: path.stat().st_mtime_ns) if existing else None
+
+
+def _set_aside_slurm_checkpoints(directory: Path) -> None:
+    """A new run must not start from an earlier run's SLURM checkpoint: under SLURM, Lightning resumes from any
+    `hpc_ckpt_<n>.ckpt` in the default_root_dir when no checkpoint is named. Moved, not deleted."""
+    stale = sorted((Path(directory) / "checkpoints").glob("hpc_ckpt_*.ckpt"))
+    if not stale:
+        return
+    # every process of a distributed run does this before Lightning looks for the files; the folder is named after
+    # the files (not the clock), so all processes agree on it
+    mtimes = []
+    for path in stale:
+        try:
+            mtimes.append(path.stat().st_mtime)
+        except FileNotFoundError:  # another process moved it first
+            pass
+    if not mtimes:
+        return
+    newest = time.strftime("%Y%m%dT%H%M%S", time.localtime(max(mtimes)))
+    target = Path(directory) / f"hpc_checkpoints.replaced-{newest}"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in stale:
+        try:
+            path.rename(target / path.name)
+        except FileNotFoundError:  # another process moved it first
+            pass
+    print(f"a new run in {directory}: the earlier run's SLURM checkpoints are now in {target}", flush=True)
 
 
 def _csv_version(directory: Path, resuming: bool) -> str:
@@ -151,14 +184,15 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=deterministic,
-        default_root_dir=directory,  # where Lightning's SLURM requeue (SIGUSR1) writes hpc_ckpt_<n>.ckpt
+        default_root_dir=directory / "checkpoints",  # where Lightning's SLURM requeue writes hpc_ckpt_<n>.ckpt
         use_distributed_sampler=False,  # the datamodule splits each global batch across processes itself
         **distributed,
         **(trainer_kwargs or {}),
     )
     if resume and ckpt_path is None:
-        print(f"--resume: no checkpoints/last.ckpt in {directory}; starting a new run", flush=True)
+        print(f"--resume: no checkpoints/last.ckpt or SLURM checkpoint in {directory}; starting a new run", flush=True)
     if ckpt_path is None:
+        _set_aside_slurm_checkpoints(directory)
         trainer.callbacks.append(SetAsideCheckpoints(directory / "checkpoints"))
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -238,8 +272,8 @@ def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory:
     member_name = get_spec(model_name).member or model_name
     for k in members_of_rank(members, rank, world):
         target = _member_dir(directory, k)
-        if kwargs["resume"] and (target / "done").exists() and (target / "final.pt").exists():
-            print(f"--resume: member {k} finished before; kept", flush=True)
+        if kwargs["resume"] and _finished_with(target, member_recipe):
+            print(f"--resume: member {k} finished this recipe before; kept", flush=True)
             continue
         (target / "done").unlink(missing_ok=True)
         kw = dict(kwargs, seed=member_seed(kwargs["seed"], k))
@@ -249,6 +283,15 @@ def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory:
         # the member as its run ended (for 003: the best epoch's weights, restored after the last checkpoint)
         torch.save(result["models"][0].state_dict(), target / "final.pt")
         (target / "done").write_text("ok\n")
+
+
+def _finished_with(target: Path, recipe: Recipe) -> bool:
+    """Whether the member in `target` finished training with `recipe` (a resume with, e.g., more epochs continues
+    it from its last checkpoint instead)."""
+    if not ((target / "done").exists() and (target / "final.pt").exists() and (target / "history.json").exists()):
+        return False
+    recorded = json.loads((target / "history.json").read_text()).get("recipe")
+    return recorded == json.loads(json.dumps(dataclasses.asdict(recipe)))
 
 
 def _wait_for_members(directory: Path, members: int, poll_seconds: float = 5.0) -> None:
