@@ -8,7 +8,7 @@ table, write a report directory (Markdown + PNG plots) and, with --json, the num
                        "onnxruntime": {"status", "pass", "vs_torch", "vs_tf", "opset"}},
         "train_step": {"pass", "max_param_diff", "float64_max_rel_loss_diff", "float32_max_rel_loss_diff",
                        "steps"},
-        "accuracy":   {"pass", "tf": {"mean", "std", "runs"}, "torch": {...}, "diff", "ci95", "margin",
+        "accuracy":   {"pass", "tf": {"mean", "std", "runs"}, "torch": {...}, "diff", "ci95", "margin", "min_acc",
                        "epochs", "seconds_per_epoch": {"tf", "torch"}}}}
 
 Only the levels that were run appear. The exit status is non-zero when a level fails.
@@ -167,12 +167,14 @@ def _t_quantile_975(df: float) -> float:
     return float(stats.t.ppf(0.975, df)) if df > 0 else float("nan")
 
 
-def accuracy_equivalence(acc_tf: list[float], acc_torch: list[float], margin: float) -> dict:
+def accuracy_equivalence(acc_tf: list[float], acc_torch: list[float], margin: float,
+                         min_acc: float | None = None) -> dict:
     """Test accuracies of independent runs per framework -> mean, std, difference (torch - tf), Welch 95% CI.
 
     "Comparable" = the difference of the means is within `margin`, and with 2+ runs per framework the Welch 95%
     confidence interval of the difference also lies inside [-margin, margin] (two one-sided tests). With one run per
-    framework there is no interval and only the difference is tested.
+    framework there is no interval and only the difference is tested. `min_acc`: also require each framework's mean
+    to reach it (two equally broken frameworks would otherwise pass).
     """
     (mean_tf, std_tf), (mean_torch, std_torch) = _mean_std(acc_tf), _mean_std(acc_torch)
     n_tf, n_torch = len(acc_tf), len(acc_torch)
@@ -185,13 +187,15 @@ def accuracy_equivalence(acc_tf: list[float], acc_torch: list[float], margin: fl
         half = _t_quantile_975(df) * se
         ci = [diff - half, diff + half]
     passed = abs(diff) <= margin and (ci is None or (ci[0] >= -margin and ci[1] <= margin))
+    if min_acc is not None:
+        passed = passed and mean_tf >= min_acc and mean_torch >= min_acc
     return {"pass": bool(passed), "tf": {"mean": mean_tf, "std": std_tf, "runs": list(acc_tf)},
             "torch": {"mean": mean_torch, "std": std_torch, "runs": list(acc_torch)},
-            "diff": diff, "ci95": ci, "margin": margin}
+            "diff": diff, "ci95": ci, "margin": margin, "min_acc": min_acc}
 
 
 def level_accuracy(name: str, epochs: int, seeds: int, out_dir: Path, margin: float, progress: bool,
-                   limit_train: int | None = None) -> tuple[dict, dict]:
+                   limit_train: int | None = None, min_acc: float | None = None) -> tuple[dict, dict]:
     """Train each framework from its own random init over `seeds` seeds; compare test accuracy statistically.
 
     "Comparable" = the difference of the means is within `margin` (fraction), and with 2+ seeds per framework the
@@ -211,7 +215,7 @@ def level_accuracy(name: str, epochs: int, seeds: int, out_dir: Path, margin: fl
             if seed == 0:
                 artifacts[framework] = history
     acc = {fw: [h["test_acc"] for h in hs] for fw, hs in runs.items()}
-    stats = accuracy_equivalence(acc["tf"], acc["torch"], margin)
+    stats = accuracy_equivalence(acc["tf"], acc["torch"], margin, min_acc)
 
     def sec_per_epoch(histories):
         return float(np.median([row["seconds"] for h in histories for row in h["epochs"]]))
@@ -383,9 +387,14 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
         rows.append(("4 accuracy", verdict(a["pass"]),
                      (f"tf {_percent(a['tf'])}, torch {_percent(a['torch'])} "
                       f"({a['seeds']} seed(s), {a['epochs']} epoch(s)); diff "
-                      f"{a['diff'] * 100:+.2f} pts, margin ±{a['margin'] * 100:.2f}{ci}; s/epoch tf "
+                      f"{a['diff'] * 100:+.2f} pts, margin ±{a['margin'] * 100:.2f}{ci}"
+                      f"{_floor(a)}; s/epoch tf "
                       f"{a['seconds_per_epoch']['tf']:.1f}, torch {a['seconds_per_epoch']['torch']:.1f}")))
     return rows
+
+
+def _floor(accuracy: dict) -> str:
+    return f", floor {accuracy['min_acc'] * 100:.2f}%" if accuracy.get("min_acc") is not None else ""
 
 
 def _percent(stats: dict) -> str:
@@ -401,7 +410,7 @@ def _float64_column(forward: dict) -> str:
 
 def run_compare(name: str, levels=LEVELS, epochs: int = 1, seeds: int = 1, out: Path | None = None,
                 margin: float = 0.005, progress: bool = True, limit_train: int | None = None,
-                train_steps: int = 50) -> dict:
+                train_steps: int = 50, min_acc: float | None = None) -> dict:
     import parity.crosscheck  # noqa: F401  (torch before TensorFlow)
     from parity.catalog import get_spec, recipe_for
     from parity.data import load_arrays
@@ -428,7 +437,7 @@ def run_compare(name: str, levels=LEVELS, epochs: int = 1, seeds: int = 1, out: 
             if not spec.recipe:
                 continue
             result["levels"]["accuracy"], artifacts = level_accuracy(
-                name, epochs, seeds, out, margin, progress, limit_train=limit_train)
+                name, epochs, seeds, out, margin, progress, limit_train=limit_train, min_acc=min_acc)
         else:
             raise ValueError(f"unknown level {level!r}; choose from {', '.join(LEVELS)}")
         print(f"[{level}] done in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -453,7 +462,8 @@ def cmd_compare(args) -> int:
         raise ValueError(f"unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
     result = run_compare(args.model, levels, epochs=args.epochs, seeds=args.seeds, out=args.out,
                          margin=args.margin / 100, progress=not args.no_progress, limit_train=args.limit_train,
-                         train_steps=args.train_steps)
+                         train_steps=args.train_steps,
+                         min_acc=None if args.min_acc is None else args.min_acc / 100)
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -484,6 +494,9 @@ def add_compare_parser(sub) -> None:
                    help="epochs per accuracy run (the short form; the recipes' full lengths are in README.md)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per framework for the accuracy level")
     p.add_argument("--margin", type=float, default=0.5, help="equivalence margin in accuracy points")
+    p.add_argument("--min-acc", type=float, metavar="PERCENT",
+                   help="the accuracy level also requires each framework's mean test accuracy to reach this "
+                        "(CI's short form: --epochs 2 --min-acc 98.5)")
     p.add_argument("--train-steps", type=int, default=50, help="updates in the training-step level")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images (smoke runs)")
     p.add_argument("--out", type=Path, help="report directory (reports/MODEL if not given)")

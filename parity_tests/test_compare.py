@@ -87,6 +87,19 @@ def test_accuracy_equivalence_is_welchs_interval(tf_runs, torch_runs):
     assert result["pass"] is bool(-0.0015 <= expected.low and expected.high <= 0.0015)
 
 
+def test_accuracy_floor_fails_two_equally_poor_frameworks():
+    from parity.compare import accuracy_equivalence, table_rows
+
+    assert accuracy_equivalence([0.90], [0.90], margin=0.005)["pass"] is True  # equal, but both far too low
+    floored = accuracy_equivalence([0.90], [0.90], margin=0.005, min_acc=0.985)
+    assert floored["pass"] is False and floored["min_acc"] == 0.985
+    assert accuracy_equivalence([0.986], [0.987], margin=0.005, min_acc=0.985)["pass"] is True
+    assert accuracy_equivalence([0.986], [0.984], margin=0.005, min_acc=0.985)["pass"] is False
+    row = table_rows({"levels": {"accuracy": {**floored, "seeds": 1, "epochs": 1,
+                                              "seconds_per_epoch": {"tf": 1.0, "torch": 1.0}}}})[0]
+    assert row[1] == "FAIL" and "floor 98.50%" in row[2]
+
+
 def test_accuracy_equivalence_with_one_run_tests_the_difference_only():
     from parity.compare import accuracy_equivalence
 
