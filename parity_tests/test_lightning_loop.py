@@ -130,6 +130,30 @@ def test_lightning_cli_seeds_the_data_order_and_keeps_its_own_batch_split(tmp_pa
     assert cli.trainer._accelerator_connector.use_distributed_sampler is False
 
 
+def test_lightning_cli_writes_the_shared_history_and_tensorboard_tags(tmp_path):
+    """A LightningCLI run writes what `parity train` writes for both frameworks (history.json with the same row
+    columns, history.csv, TensorBoard under the shared tags) into its log directory, so it overlays TF runs too."""
+    import json
+
+    from parity.runs import EPOCH_COLUMNS, TB_TAGS
+    from torch_impl.cli import main
+
+    cli = main(["fit", "--config", str(Path(__file__).parent.parent / "configs" / "tut001_cnn.yaml"),
+                "--trainer.max_epochs=2", "--trainer.limit_test_batches=1", "--data.limit_train=200",
+                "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
+    run = Path(cli.trainer.log_dir)
+    assert run.parent.parent == tmp_path  # lightning_logs/version_0
+    history = json.loads((run / "history.json").read_text())
+    assert history["model"] == "cnn" and history["framework"] == "torch" and history["seed"] == 0
+    assert [row["epoch"] for row in history["epochs"]] == [1, 2]
+    assert set(history["epochs"][0]) <= set(EPOCH_COLUMNS) and "train_acc" in history["epochs"][0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {TB_TAGS["train_loss"], TB_TAGS["train_acc"], TB_TAGS["lr"]} <= set(events.Tags()["scalars"])
+
+
 class _Indices(torch.utils.data.Dataset):
     def __len__(self):
         return 40

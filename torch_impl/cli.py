@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from torch_impl.callbacks import EpochSeed, KerasProgressBar
+from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.lightning_module import ClassifierModule
@@ -22,7 +22,8 @@ class ParityCLI(LightningCLI):
     """LightningCLI whose Trainer shows `KerasProgressBar` (the epoch's running loss and accuracy, redrawn on a
     timer) unless the config names its own progress bar or sets `trainer.enable_progress_bar: false`, and seeds
     dropout and augmentation per process and epoch (`EpochSeed`) from `seed_everything`, which also seeds the data
-    order unless `data.seed` is given. The Trainer defaults to `use_distributed_sampler: false`: the datamodule
+    order unless `data.seed` is given, and writes `history.json` / `history.csv` and the shared TensorBoard tags
+    (`HistoryWriter`) into the run's log directory, as `parity train` does. The Trainer defaults to `use_distributed_sampler: false`: the datamodule
     splits each global batch across DDP processes itself (`GlobalBatchSampler`), and Lightning's DistributedSampler
     would replace that sampler and break it."""
 
@@ -42,7 +43,16 @@ class ParityCLI(LightningCLI):
         if isinstance(seed, int) and not isinstance(seed, bool) and not any(isinstance(c, EpochSeed) for c in callbacks):
             callbacks = [*callbacks, EpochSeed(seed)]  # per-rank, per-epoch dropout and augmentation draws
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, HistoryWriter) for c in trainer.callbacks):
+            # history.json / history.csv and the TensorBoard tags `parity train` writes for both frameworks, in the
+            # run's log directory (lightning_logs/version_<n>), so CLI runs overlay TF runs too
+            directory = trainer.log_dir or trainer.default_root_dir
+            hparams = {**dict(self.model.hparams), **dict(self.datamodule.hparams)} if self.datamodule else dict(
+                self.model.hparams)
+            trainer.callbacks.append(HistoryWriter(directory, model_name=self.model.hparams.model_name,
+                                                   seed=seed if isinstance(seed, int) else 0, recipe=hparams))
+        return trainer
 
 
 def main(args=None, run: bool = True) -> LightningCLI:
