@@ -2,7 +2,8 @@
 table, write a report directory (Markdown + PNG plots) and, with --json, the numbers in this format:
 
     {"model": str, "versions": {...}, "levels": {
-        "structure":  {"pass", "params": {"tf", "torch"}, "problems": [...]},
+        "structure":  {"pass", "params": {"tf", "torch"}, "per_layer": [{"name", "tf_type", "torch_type",
+                       "tf_shape", "torch_shape", "tf_params", "torch_params"}], "problems": [...]},
         "forward":    {"pass", "max_abs_diff": {"tf_to_torch", "torch_to_tf", "onnxruntime"}, "per_layer": {...},
                        "max_abs_diff_float64": {"tf_to_torch", "torch_to_tf"},
                        "onnxruntime": {"status", "pass", "vs_torch", "vs_tf", "opset"}},
@@ -56,8 +57,17 @@ def level_structure(name: str) -> dict:
 
     a, b = tf_summary(name), torch_summary(name)
     problems = [f"tf: {p}" for p in check_against_catalog(a)] + [f"torch: {p}" for p in check_against_catalog(b)]
+    per_layer = [{"name": la["name"], "tf_type": la["type"], "torch_type": lb["type"],
+                  "tf_shape": la["output_shape"], "torch_shape": lb["output_shape"],
+                  "tf_params": la["params"], "torch_params": lb["params"]}
+                 for la, lb in zip(a["layers"], b["layers"])]
+    if [la["name"] for la in a["layers"]] != [lb["name"] for lb in b["layers"]]:
+        problems.append(f"layer lists differ: tf {[la['name'] for la in a['layers']]}, "
+                        f"torch {[lb['name'] for lb in b['layers']]}")
+    problems += [f"{row['name']}: shape tf {row['tf_shape']} vs torch {row['torch_shape']}" for row in per_layer
+                 if row["tf_shape"] != row["torch_shape"]]
     return {"pass": not problems, "params": {"tf": a["total_params"], "torch": b["total_params"]},
-            "layers": len(a["layers"]), "problems": problems}
+            "layers": len(a["layers"]), "per_layer": per_layer, "problems": problems}
 
 
 def level_forward(name: str, x: np.ndarray, atol: float = 1e-5, atol_float64: float = 1e-10) -> dict:
@@ -258,6 +268,14 @@ def write_report(name: str, result: dict, out: Path, artifacts: dict | None) -> 
              "| level | result | numbers |", "|---|---|---|"]
     lines += [f"| {row[0]} | {row[1]} | {row[2]} |" for row in table_rows(result)]
     images = []
+
+    if "structure" in levels and levels["structure"].get("per_layer"):
+        lines += ["", "## Layers (output shapes in TF's (H, W, C) order)", "",
+                  "| layer | TF layer | torch module | TF shape | torch shape | TF params | torch params |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['tf_type']} | {r['torch_type']} | {tuple(r['tf_shape'])} | "
+                  f"{tuple(r['torch_shape'])} | {r['tf_params']:,} | {r['torch_params']:,} |"
+                  for r in levels["structure"]["per_layer"]]
 
     if "forward" in levels:
         fig, ax = plt.subplots(figsize=(9, 4))

@@ -19,6 +19,10 @@ def test_compare_writes_report_and_json(tf, tmp_path):
     levels = result["levels"]
     assert result["model"] == "lenet_c"
     assert levels["structure"]["pass"] is True
+    layers = levels["structure"]["per_layer"]
+    assert len(layers) == levels["structure"]["layers"] == 11 and layers[0]["name"] == "conv1"
+    assert all(row["tf_shape"] == row["torch_shape"] and row["tf_params"] == row["torch_params"] for row in layers)
+    assert "| conv1 | Conv2D | Conv2d | (14, 14, 8) | (14, 14, 8) | 208 | 208 |" in (out / "report.md").read_text()
     assert set(levels["forward"]["max_abs_diff"]) == {"tf_to_torch", "torch_to_tf", "onnxruntime"}
     assert levels["forward"]["pass"] is True and max(levels["forward"]["max_abs_diff"].values()) <= 1e-3
     assert set(levels["forward"]["max_abs_diff_float64"]) == {"tf_to_torch", "torch_to_tf"}
@@ -197,3 +201,21 @@ def test_accuracy_row_shows_a_spread_only_for_several_seeds():
 
     assert row([0.9866], [0.9818]).startswith("tf 98.66%, torch 98.18% (1 seed(s)")
     assert row([0.985, 0.987], [0.983, 0.985]).startswith("tf 98.60±0.14%, torch 98.40±0.14% (2 seed(s)")
+
+
+def test_structure_level_names_a_shape_mismatch(monkeypatch):
+    """A torch layer whose output shape differs from its TF twin fails level 1 and is named."""
+    import torch_impl.summary
+    from parity.compare import level_structure
+
+    real = torch_impl.summary.summarize
+
+    def wrong_pool(name):
+        summary = real(name)
+        summary["layers"][1]["output_shape"] = [13, 13, 8]  # e.g. PyTorch's 'valid' pooling where TF pads
+        return summary
+
+    monkeypatch.setattr(torch_impl.summary, "summarize", wrong_pool)
+    result = level_structure("lenet_c")
+    assert result["pass"] is False
+    assert "pool1: shape tf [7, 7, 8] vs torch [13, 13, 8]" in result["problems"]
