@@ -219,3 +219,22 @@ def test_structure_level_names_a_shape_mismatch(monkeypatch):
     result = level_structure("lenet_c")
     assert result["pass"] is False
     assert "pool1: shape tf [7, 7, 8] vs torch [13, 13, 8]" in result["problems"]
+
+
+def test_train_step_level_steps_the_recipes_schedule(monkeypatch):
+    """Level 3 in `parity compare` runs a recipe's learning-rate schedule (halving every 10 updates) and runs
+    constant-rate recipes without one."""
+    import parity.crosscheck
+    from parity.compare import level_train_step
+
+    calls = []
+
+    def fake_run_both(name, steps, members=1, decay_steps=None, dtype="float32"):
+        calls.append((name, members, decay_steps, dtype))
+        return np.ones(steps), np.ones(steps), 0.0
+
+    monkeypatch.setattr(parity.crosscheck, "run_both", fake_run_both)
+    assert level_train_step("bn_cnn", 5)["lr_halved_every"] == 10
+    assert level_train_step("cnn_ensemble3", 5)["lr_halved_every"] is None
+    assert calls == [("bn_cnn", 1, 10, "float64"), ("bn_cnn", 1, 10, "float32"),
+                     ("cnn_ensemble3", 2, None, "float64"), ("cnn_ensemble3", 2, None, "float32")]
