@@ -148,8 +148,8 @@ def level_train_step(name: str, steps: int = 50) -> dict:
     from parity.catalog import get_spec, recipe_for
     from parity.crosscheck import run_both
 
-    members = 2 if get_spec(name).members > 1 else 1
     spec = get_spec(name)
+    members = 2 if spec.members > 1 else 1
     # a recipe with a learning-rate schedule has it stepped within the run: the staircase halves the rate every 10
     # updates (its real period, thousands of updates, would never be reached in 50)
     decay_steps = 10 if spec.recipe and recipe_for(name).lr_decay_rate is not None else None
@@ -507,7 +507,8 @@ def add_compare_parser(sub) -> None:
     p = sub.add_parser(
         "compare", help="prove the TF reference and the Lightning port agree (4 levels), with a report",
         description="Levels: 1 structure (shapes, params), 2 forward (weights transferred both ways, every layer "
-                    "within 1e-5 in float32, 1e-10 in float64), 3 train_step (same weights and batches: float64 within 1e-10/1e-9, float32 "
+                    "within 1e-5 in float32, 1e-10 in float64), 3 train_step (same weights and batches: float64 "
+                    "within 1e-10/1e-9, float32 "
                     "drift reported), 4 accuracy (each framework from its own init, K seeds, equivalence margin). "
                     "Writes OUT/report.md with plots; exit status 1 if a level fails.",
         formatter_class=HelpFormatter)

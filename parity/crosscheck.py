@@ -92,7 +92,8 @@ def _run_regression(name, steps, dtype):
     out_shape = (4, *spec.layers[-1].output_shape)
     tf_losses, torch_losses, first_step = [], [], None
     for step in range(steps):
-        x, target = rng.standard_normal((4, *spec.input_shape)).astype(dtype), rng.standard_normal(out_shape).astype(dtype)
+        x = rng.standard_normal((4, *spec.input_shape)).astype(dtype)
+        target = rng.standard_normal(out_shape).astype(dtype)
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(tf_model(x, training=True) - target))
         tf_opt.apply_gradients(zip(tape.gradient(loss, tf_model.trainable_variables), tf_model.trainable_variables))
@@ -104,7 +105,8 @@ def _run_regression(name, steps, dtype):
         tf_losses.append(float(loss))
         torch_losses.append(float(torch_loss.detach()))
         if step == 0:
-            first_step = max(float(np.abs(a - b).max()) for a, b in _paired(name, tf_get(tf_model), torch_get(torch_model)))
+            pairs = _paired(name, tf_get(tf_model), torch_get(torch_model))
+            first_step = max(float(np.abs(a - b).max()) for a, b in pairs)
     return np.array(tf_losses), np.array(torch_losses), first_step
 
 

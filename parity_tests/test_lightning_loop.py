@@ -115,7 +115,8 @@ def test_lightning_cli_trains_with_the_keras_style_bar_unless_the_bar_is_off(tmp
     assert seeding.seed == cli.config.fit.seed_everything
 
 
-@pytest.mark.parametrize("extra, data_seed", [(["--seed_everything=7"], 7), (["--seed_everything=7", "--data.seed=3"], 3)])
+@pytest.mark.parametrize("extra, data_seed",
+                         [(["--seed_everything=7"], 7), (["--seed_everything=7", "--data.seed=3"], 3)])
 def test_lightning_cli_seeds_the_data_order_and_keeps_its_own_batch_split(tmp_path, extra, data_seed):
     """Each `seed_everything` draws its own data order (before, every CLI seed shuffled with data seed 0), unless
     `data.seed` is given; and the Trainer leaves the datamodule's sampler alone (Lightning's default,

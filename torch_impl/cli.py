@@ -23,15 +23,19 @@ class ParityCLI(LightningCLI):
     timer) unless the config names its own progress bar or sets `trainer.enable_progress_bar: false`, and seeds
     dropout and augmentation per process and epoch (`EpochSeed`) from `seed_everything`, which also seeds the data
     order unless `data.seed` is given, and writes `history.json` / `history.csv` and the shared TensorBoard tags
-    (`HistoryWriter`) into the run's log directory, as `parity train` does. The Trainer defaults to `use_distributed_sampler: false`: the datamodule
-    splits each global batch across DDP processes itself (`GlobalBatchSampler`), and Lightning's DistributedSampler
-    would replace that sampler and break it."""
+    (`HistoryWriter`) into the run's log directory, as `parity train` does. The Trainer defaults to
+    `use_distributed_sampler: false`: the datamodule splits each global batch across DDP processes itself
+    (`GlobalBatchSampler`), and Lightning's DistributedSampler would replace that sampler and break it."""
+
+    def _seed(self) -> int | None:
+        """`seed_everything` as the int Lightning seeded with (it replaces `true` by the seed it drew); None if off."""
+        seed = self._get(self.config, "seed_everything")
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        seed = config.get("seed_everything")
-        if config.get("data.seed") is None and isinstance(seed, int) and not isinstance(seed, bool):
-            config["data.seed"] = seed
+        if config.get("data.seed") is None and self._seed() is not None:
+            config["data.seed"] = self._seed()
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -39,8 +43,8 @@ class ParityCLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [KerasProgressBar(), *callbacks]
-        seed = self._get(self.config, "seed_everything")
-        if isinstance(seed, int) and not isinstance(seed, bool) and not any(isinstance(c, EpochSeed) for c in callbacks):
+        seed = self._seed()
+        if seed is not None and not any(isinstance(c, EpochSeed) for c in callbacks):
             callbacks = [*callbacks, EpochSeed(seed)]  # per-rank, per-epoch dropout and augmentation draws
         kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
@@ -51,7 +55,7 @@ class ParityCLI(LightningCLI):
             hparams = {**dict(self.model.hparams), **dict(self.datamodule.hparams)} if self.datamodule else dict(
                 self.model.hparams)
             trainer.callbacks.append(HistoryWriter(directory, model_name=self.model.hparams.model_name,
-                                                   seed=seed if isinstance(seed, int) else 0, recipe=hparams))
+                                                   seed=seed or 0, recipe=hparams))
         return trainer
 
 

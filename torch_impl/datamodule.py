@@ -124,7 +124,8 @@ class MNISTDataModule(L.LightningDataModule):
     def __init__(self, dataset: str = "mnist", split: str = "full", batch_size: int = 100, scale: float = 255.0,
                  shuffle: bool = True, drop_last: bool = False, augment: str | None = None,
                  shift_low: int = -2, shift_high: int = 2, data_dir: str | None = None,
-                 limit_train: int | None = None, seed: int | None = None, eval_batch_size: int = 1000, num_workers: int = 0):
+                 limit_train: int | None = None, seed: int | None = None, eval_batch_size: int = 1000,
+                 num_workers: int = 0):
         super().__init__()
         if augment not in (None, "tut001", "tut001_online"):
             raise ValueError(f"unknown augment {augment!r}; choose None, 'tut001' or 'tut001_online'")
