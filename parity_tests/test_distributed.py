@@ -243,3 +243,102 @@ def test_a_new_run_sets_an_earlier_runs_slurm_checkpoint_aside(tmp_path):
     (moved,) = run.glob("hpc_checkpoints.replaced-*/hpc_ckpt_1.ckpt")
     assert moved.read_bytes() == b"an earlier run's"
     assert Path(result["models"][0].trainer.default_root_dir) == run / "checkpoints"
+
+
+# ------------------------------------------------------------------------- member-parallel from the LightningCLI
+CONFIGS = ROOT / "configs"
+CLI_MEMBERS = ("fit", "--config", str(CONFIGS / "tut001_ensemble.yaml"), "--model.ensemble_mode=members",
+               "--trainer.max_epochs=1", "--data.limit_train=200", "--trainer.enable_progress_bar=false",
+               "--trainer.accelerator=cpu")
+
+
+def _final_weights(directory: Path, k: int) -> dict[str, torch.Tensor]:
+    return torch.load(directory / "members" / f"member{k}" / "final.pt", map_location="cpu", weights_only=True)
+
+
+def _assert_ensemble_is_the_members_sum(directory: Path, members: int) -> None:
+    from torch_impl.lightning_module import ClassifierModule
+
+    ensemble = ClassifierModule.load_from_checkpoint(directory / "checkpoints" / "ensemble.ckpt",
+                                                     map_location="cpu").eval()
+    singles = []
+    for k in range(members):
+        single = ClassifierModule("cnn").eval()
+        single.load_state_dict(_final_weights(directory, k))
+        singles.append(single)
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble(x), sum(m(x) for m in singles), rtol=1e-6, atol=1e-5)
+        assert not torch.allclose(singles[0](x), singles[1](x))  # members have their own seeds
+
+
+def test_lightning_cli_selects_member_parallel_and_trains_the_members_parity_train_trains(tmp_path, capsys):
+    """`--model.ensemble_mode=members` in the LightningCLI config (no code change) trains each member as a run of
+    its own and assembles the ensemble: the members equal, bit for bit, those of `parity train --ensemble-mode
+    members` with the same recipe and seed (same member seeds, data orders, dropout draws, one process each)."""
+    import json
+
+    from parity.cli import main as parity
+    from torch_impl.cli import main as lightning_cli
+
+    assert parity(["train", "cnn_ensemble3", "--framework", "torch", "--members", "2", "--ensemble-mode", "members",
+                   "--epochs", "1", "--limit-train", "200", "--out", str(tmp_path / "runs"), "--no-progress",
+                   "--accelerator", "cpu"]) == 0
+    cli = lightning_cli([*CLI_MEMBERS, "--model.members=2", f"--trainer.default_root_dir={tmp_path / 'cli'}"])
+    printed = capsys.readouterr().out
+
+    for k in range(2):
+        want = _final_weights(tmp_path / "runs" / "cnn_ensemble3" / "torch" / "seed0", k)
+        got = _final_weights(tmp_path / "cli", k)
+        assert got.keys() == want.keys()
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=lambda m, n=name: f"member {k} {n}: {m}")
+    _assert_ensemble_is_the_members_sum(tmp_path / "cli", 2)
+    history = json.loads((tmp_path / "cli" / "history.json").read_text())
+    assert history["model"] == "cnn_ensemble3" and 0.1 < history["test_acc"] <= 1
+    assert history["recipe"]["ensemble_mode"] == "members"
+    assert "member1_test_acc" in printed and "members_vote_test_acc" in printed
+    # the CLI's model is the assembled ensemble
+    assert cli.model.members[1].state_dict().keys() and all(
+        torch.equal(tensor, _final_weights(tmp_path / "cli", 1)[f"model.members.0.{name}"])
+        for name, tensor in cli.model.members[1].state_dict().items())
+
+
+@pytest.mark.slow
+def test_lightning_cli_member_parallel_spawns_one_process_per_device(tmp_path):
+    """`--trainer.devices=2` on CPU without torchrun: two spawned processes train members {0, 2} and {1}, and the
+    ensemble is assembled from all three. The members equal one process's to float32 rounding (each spawned process
+    runs one thread, which changes the convolutions' summation order; 1.8e-7 seen after this run's two steps)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, "-m", "torch_impl.cli", *CLI_MEMBERS, "--model.members=3",
+                             "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path / 'spawned'}"],
+                            check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "members_logits_test_acc" in result.stdout
+    _assert_ensemble_is_the_members_sum(tmp_path / "spawned", 3)
+
+    from torch_impl.cli import main as lightning_cli
+
+    lightning_cli([*CLI_MEMBERS, "--model.members=3", f"--trainer.default_root_dir={tmp_path / 'one'}"])
+    for k in range(3):
+        want, got = _final_weights(tmp_path / "one", k), _final_weights(tmp_path / "spawned", k)
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{k} {n}: {m}")
+
+
+def test_trainer_fit_refuses_a_member_parallel_module_and_the_cli_refuses_ckpt_path(tmp_path):
+    import lightning as L
+
+    from torch_impl.cli import main as lightning_cli
+    from torch_impl.lightning_module import ClassifierModule
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(8, 1, 28, 28),
+                                                                        torch.randint(0, 10, (8,))), batch_size=4)
+    trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="ensemble_mode='members' trains each member in a run of its own"):
+        trainer.fit(ClassifierModule("cnn_ensemble3", ensemble_mode="members"), train_dataloaders=loader)
+    with pytest.raises(ValueError, match="--ckpt_path does not resume a member-parallel run"):
+        lightning_cli([*CLI_MEMBERS, "--model.members=2", f"--trainer.default_root_dir={tmp_path}",
+                       f"--ckpt_path={tmp_path / 'last.ckpt'}"])
+    assert not (tmp_path / "members").exists()  # refused before any member trained

@@ -6,6 +6,8 @@ once per member per batch, prediction = the sum of the members' logits (or the m
 majority vote). `ensemble_mode="loop"` runs the tutorial's loop (manual optimization, one member at a time);
 "vectorized" runs all members in one pass (`VectorizedEnsemble`) and takes one optimizer step whose member axis
 reproduces the shared optimizer's per-member step counter and learning rate (`KerasAdam(members=M)`).
+"members" (member-parallel) is the ensemble the LightningCLI assembles after training each member in its own run
+(`torch_impl.cli`); `Trainer.fit` does not train it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch_impl.models.vectorized import MEMBER_CLASSES, VectorizedEnsemble
 from torch_impl.optim import ExponentialDecay, KerasAdam, KerasRMSprop, LearningRate, exponential_decay_lambda
 
 COMBINE = ("logits", "probs", "vote")
-ENSEMBLE_MODES = ("loop", "vectorized")
+ENSEMBLE_MODES = ("loop", "vectorized", "members")
 
 
 def combine_members(member_logits: torch.Tensor | Sequence[torch.Tensor], combine: str = "logits") -> torch.Tensor:
@@ -75,7 +77,9 @@ class ClassifierModule(L.LightningModule):
     ensemble_mode: for members > 1, "loop" (the tutorial's loop over members) or "vectorized" (all members in one
         pass and one optimizer step; members of `cnn` or `bn_cnn`). Both start from the same weights under the same
         seed and take the same steps (dropout masks aside: drawn in another order); checkpoints of one mode load in
-        the other (the weights; resuming training needs the same mode).
+        the other (the weights; resuming training needs the same mode). "members": each member trained in a run of
+        its own, on every device in parallel, then assembled (the LightningCLI's `fit` does this; `Trainer.fit`
+        refuses); evaluates and predicts as "loop".
     shared_optimizer: True (the tutorial): one optimizer whose step counter advances once per member per batch,
         which is also the schedule's step. False: each member its own optimizer and counter (the corrected
         ensemble; the schedule then counts batches).
@@ -152,6 +156,12 @@ class ClassifierModule(L.LightningModule):
         return F.cross_entropy(logits, y), logits
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.ensemble_mode == "members" and self.hparams.members > 1:
+            raise ValueError("ensemble_mode='members' trains each member in a run of its own: `python -m "
+                             "torch_impl.cli fit ... --model.ensemble_mode=members` or `parity train MODEL "
+                             "--ensemble-mode members`; Trainer.fit trains ensemble_mode 'loop' or 'vectorized'")
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self.vectorized:

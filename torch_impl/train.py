@@ -239,7 +239,7 @@ def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out
         _train_members(rank, model_name, member_recipe, directory, recipe.members, world, local_rank, kwargs)
         if rank != 0:
             return {"is_global_zero": False}
-        _wait_for_members(directory, recipe.members)
+        wait_for_members(directory, recipe.members)
     else:
         if num_nodes > 1:
             raise ValueError("member-parallel training across nodes is launched by srun or torchrun "
@@ -259,7 +259,7 @@ def _spawned_worker(rank, model_name, member_recipe, directory, members, world, 
     _train_members(rank, model_name, member_recipe, directory, members, world, rank, kwargs)
 
 
-def _member_dir(directory: Path, k: int) -> Path:
+def member_dir(directory: Path, k: int) -> Path:
     path = Path(directory) / "members" / f"member{k}"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -271,7 +271,7 @@ def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # processes share the CPU cores
     member_name = get_spec(model_name).member or model_name
     for k in members_of_rank(members, rank, world):
-        target = _member_dir(directory, k)
+        target = member_dir(directory, k)
         if kwargs["resume"] and _finished_with(target, member_recipe):
             print(f"--resume: member {k} finished this recipe before; kept", flush=True)
             continue
@@ -294,13 +294,13 @@ def _finished_with(target: Path, recipe: Recipe) -> bool:
     return recorded == json.loads(json.dumps(dataclasses.asdict(recipe)))
 
 
-def _wait_for_members(directory: Path, members: int, poll_seconds: float = 5.0) -> None:
-    pending = [k for k in range(members) if not (_member_dir(directory, k) / "done").exists()]
+def wait_for_members(directory: Path, members: int, poll_seconds: float = 5.0) -> None:
+    pending = [k for k in range(members) if not (member_dir(directory, k) / "done").exists()]
     if pending:
         print(f"rank 0: waiting for members {pending} (written by the other ranks)")
     while pending:
         time.sleep(poll_seconds)
-        pending = [k for k in pending if not (_member_dir(directory, k) / "done").exists()]
+        pending = [k for k in pending if not (member_dir(directory, k) / "done").exists()]
 
 
 def assemble_members(model_name: str, recipe: Recipe, directory: Path, *, seed: int = 0, data_dir=None,
@@ -308,13 +308,32 @@ def assemble_members(model_name: str, recipe: Recipe, directory: Path, *, seed: 
     """The ensemble `ClassifierModule` from the members' final weights (`members/member<k>/final.pt`), evaluated on
     the test set and saved as `checkpoints/ensemble.ckpt` (it loads with `ClassifierModule.load_from_checkpoint`)."""
     module, datamodule = build(model_name, recipe, seed=seed, data_dir=data_dir)
+    load_members(module, directory)
+    test = evaluate_ensemble(module, datamodule, directory, accelerator=accelerator)
+    history = History(directory, model_name, "torch", dataclasses.asdict(recipe), seed)
+    history.finish(train_seconds=train_seconds, **{k: v for k, v in test.items() if k.startswith("test_")})
+    result = history.as_dict()
+    result.update(members={k: v for k, v in test.items() if k.startswith("member")}, models=[module],
+                  is_global_zero=True)
+    return result
+
+
+def load_members(module: ClassifierModule, directory: Path) -> None:
+    """Member k of the ensemble `module` takes the final weights member-parallel training left in
+    `directory/members/member<k>/final.pt` (the state dict of a one-member `ClassifierModule`)."""
     for k, member in enumerate(module.members):
-        path = _member_dir(directory, k) / "final.pt"
+        path = member_dir(directory, k) / "final.pt"
         if not path.exists():
             raise FileNotFoundError(f"member {k} has no final weights at {path}; train it first (its rank failed?)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         prefix = "model.members.0."
         member.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def evaluate_ensemble(module: ClassifierModule, datamodule: MNISTDataModule, directory: Path, *,
+                      accelerator: str = "auto") -> dict[str, float]:
+    """Test metrics of the assembled ensemble (ensemble, member and combine-rule accuracies, agreement) on one
+    device; the ensemble is saved as `directory/checkpoints/ensemble.ckpt`."""
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False)
     module.reset_epoch_metrics()
@@ -322,9 +341,4 @@ def assemble_members(model_name: str, recipe: Recipe, directory: Path, *, seed: 
     test = module.epoch_metrics(reset=True)
     (directory / "checkpoints").mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(directory / "checkpoints" / "ensemble.ckpt")
-    history = History(directory, model_name, "torch", dataclasses.asdict(recipe), seed)
-    history.finish(train_seconds=train_seconds, **{k: v for k, v in test.items() if k.startswith("test_")})
-    result = history.as_dict()
-    result.update(members={k: v for k, v in test.items() if k.startswith("member")}, models=[module],
-                  is_global_zero=True)
-    return result
+    return test
