@@ -287,6 +287,8 @@ class _EagerWorker(_TorchWorker):
         recipe = recipe_for(cell.model, members=cell.members)
         images, labels = _load_data(source, seed)
         self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
+        if self.device.type == "cuda":  # resident on the GPU, as MNISTDataModule keeps them (data_on_device)
+            self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
         self.batch, self.n_batches, self.scale = cell.batch, _batches(len(images), cell.batch), float(recipe.scale)
         self.memory_format = (torch.channels_last if cell.variant in ("channels_last", "bf16")
                               else torch.contiguous_format)
@@ -383,6 +385,8 @@ class _LightningWorker(_TorchWorker):
 
         self.data = BenchData(batch_size=cell.batch, scale=recipe.scale, shuffle=False, seed=seed)
         self.data.setup("fit")
+        if self.device.type == "cuda":  # resident on the GPU, as MNISTDataModule.setup keeps them there
+            self.data.train_set.to(self.device)
         self.bare = cell.variant.endswith("bare")
         self.trainer_kwargs: dict = {}  # overrides of the Trainer below (scripts/bench_proposals.py)
         self.progress_bar = True

@@ -194,3 +194,37 @@ def test_training_order_is_reshuffled_every_epoch_under_trainer_fit():
         expected = torch.randperm(40, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
         assert module.orders[epoch] == expected, f"epoch {epoch} did not use the permutation of seed + epoch"
     assert module.orders[0] != module.orders[1] != module.orders[2]
+
+
+def test_datasets_move_to_a_gpu_once_and_batches_are_gathered_there():
+    """On a CUDA device the uint8 datasets move there in `setup` (a batch is then one indexing op on the device,
+    with no host-to-device copy of images per step); `data_on_device=None` leaves them on the CPU elsewhere and when
+    DataLoader workers would have to index them. No GPU here: a stand-in trainer names the device, and the 'meta'
+    device plays the GPU to show that setup moves every dataset and that batches come out on the data's device."""
+    from types import SimpleNamespace
+
+    from torch_impl.datamodule import MNISTDataModule
+
+    def on(device: str, **kwargs) -> MNISTDataModule:
+        datamodule = MNISTDataModule(limit_train=64, **kwargs)
+        datamodule.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)),
+                                             global_rank=0, world_size=1)
+        return datamodule
+
+    assert on("cuda:1").data_device() == torch.device("cuda:1")
+    assert on("cuda:1", num_workers=2).data_device() == torch.device("cpu")
+    assert on("cuda:1", data_on_device=False).data_device() == torch.device("cpu")
+    assert on("cpu").data_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="data_on_device=True needs num_workers=0"):
+        MNISTDataModule(data_on_device=True, num_workers=2)
+
+    datamodule = on("meta", data_on_device=True)
+    datamodule.setup("fit")
+    for dataset in (datamodule.train_set, *datamodule.eval_sets.values()):
+        assert dataset.images.device.type == dataset.labels.device.type == "meta"
+    images, labels, augment = next(iter(datamodule.train_dataloader()))
+    assert images.device.type == labels.device.type == augment.device.type == "meta"
+    assert images.shape == (64, 28, 28) and images.dtype == torch.uint8
+    on_cpu = on("cpu")
+    on_cpu.setup("fit")
+    assert on_cpu.train_set.images.device.type == "cpu"
