@@ -17,6 +17,7 @@ import torch
 
 from torch_impl.datamodule import GlobalBatchSampler
 from torch_impl.distributed import (
+    KerasSyncBatchNorm,
     SyncBatchNorm2d,
     convert_sync_batchnorm,
     members_of_rank,
@@ -342,3 +343,68 @@ def test_trainer_fit_refuses_a_member_parallel_module_and_the_cli_refuses_ckpt_p
         lightning_cli([*CLI_MEMBERS, "--model.members=2", f"--trainer.default_root_dir={tmp_path}",
                        f"--ckpt_path={tmp_path / 'last.ckpt'}"])
     assert not (tmp_path / "members").exists()  # refused before any member trained
+
+
+# ------------------------------------------------------------------------------------------ DDP from the LightningCLI
+CLI_DRIVER = """
+import sys
+import torch
+torch.nn.Dropout.forward = lambda self, x: x
+from torch_impl.cli import main
+if __name__ == "__main__":
+    main(sys.argv[1:])
+"""
+
+
+def _cli_last_state(tmp_path: Path, *args: str) -> dict[str, torch.Tensor]:
+    driver = tmp_path / "cli_driver.py"
+    driver.write_text(CLI_DRIVER)
+    root = tmp_path / "_".join(a.split("=")[-1] for a in args if a.startswith("--trainer.devices")) / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    command = [sys.executable, str(driver), "fit", "--config", str(CONFIGS / "tut001_best.yaml"), *args,
+               f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+               "--trainer.accelerator=cpu"]
+    result = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (last,) = root.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    return torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.slow
+def test_lightning_cli_ddp_adds_keras_sync_batchnorm_and_equals_one_process(tmp_path):
+    """`--trainer.devices=2` in the LightningCLI, with nothing else named, trains the tutorial's looped `bn_cnn`
+    ensemble (shared Adam, staircase decay, BatchNorm) as one process does: the CLI adds Keras-semantics synchronized
+    BatchNorm and `find_unused_parameters` as `parity train` does (without them the looped ensemble stops with DDP's
+    unused-parameter error, and the moving statistics would be per process). Float64 for the reason given in
+    test_ddp_two_processes_equal_one_process."""
+    common = ("--model.members=2", "--data.limit_train=400", "--trainer.max_epochs=1", "--data.augment=null",
+              "--model.lr_decay_epochs=0.5", "--trainer.precision=64-true")
+    single = _cli_last_state(tmp_path, *common, "--trainer.devices=1")
+    ddp = _cli_last_state(tmp_path, *common, "--trainer.devices=2")
+    assert single.keys() == ddp.keys()
+    assert single["model.members.1.conv1.bn.running_var"].dtype == torch.float64
+    for name, tensor in single.items():
+        torch.testing.assert_close(ddp[name], tensor, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+    initial = build_model("bn_cnn", seed=0)
+    moved = (single["model.members.0.conv1.conv.weight"].float() - initial.conv1.conv.weight).abs().max()
+    assert moved > 1e-4  # the runs trained, so equality is not the initial weights'
+
+
+def test_lightning_cli_names_what_ddp_needs_only_where_the_config_leaves_it_open(tmp_path):
+    from torch_impl.cli import main
+
+    def strategy(config: str, *extra: str):
+        cli = main(["--config", str(CONFIGS / f"{config}.yaml"), "--trainer.accelerator=cpu", *extra,
+                    f"--trainer.default_root_dir={tmp_path}"], run=False)
+        return cli.trainer.strategy
+
+    looped_bn = strategy("tut001_best", "--trainer.devices=2")
+    assert isinstance(looped_bn._layer_sync, KerasSyncBatchNorm)
+    assert looped_bn._ddp_kwargs == {"find_unused_parameters": True}
+    vectorized = strategy("tut001_best", "--trainer.devices=2", "--model.ensemble_mode=vectorized")
+    assert isinstance(vectorized._layer_sync, KerasSyncBatchNorm) and vectorized._ddp_kwargs == {}
+    single_model = strategy("tut001_cnn", "--trainer.devices=2")
+    assert single_model._layer_sync is None and single_model._ddp_kwargs == {}
+    named = strategy("tut001_ensemble", "--trainer.devices=2", "--trainer.strategy=ddp_find_unused_parameters_false")
+    assert named._ddp_kwargs == {"find_unused_parameters": False}  # the config's own choice is kept
+    assert getattr(strategy("tut001_best", "--trainer.devices=1"), "_layer_sync", None) is None

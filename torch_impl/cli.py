@@ -22,13 +22,15 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.layer_sync import LayerSync
+from lightning.pytorch.strategies import DDPStrategy
 
 from parity.catalog import get_spec
 from parity.runs import History, member_seed
 from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.datamodule import MNISTDataModule
-from torch_impl.distributed import launched_rank, members_of_rank
+from torch_impl.distributed import KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank
 from torch_impl.lightning_module import ClassifierModule
 from torch_impl.train import evaluate_ensemble, load_members, member_dir, wait_for_members
 
@@ -40,7 +42,9 @@ class ParityCLI(LightningCLI):
     order unless `data.seed` is given, and writes `history.json` / `history.csv` and the shared TensorBoard tags
     (`HistoryWriter`) into the run's log directory, as `parity train` does. The Trainer defaults to
     `use_distributed_sampler: false`: the datamodule splits each global batch across DDP processes itself
-    (`GlobalBatchSampler`), and Lightning's DistributedSampler would replace that sampler and break it."""
+    (`GlobalBatchSampler`), and Lightning's DistributedSampler would replace that sampler and break it. Under DDP
+    it adds what `parity train` adds where the config leaves it open (`_distributed_defaults`): Keras-semantics
+    synchronized BatchNorm, and `find_unused_parameters` for a looped ensemble."""
 
     def _seed(self) -> int | None:
         """`seed_everything` as the int Lightning seeded with (it replaces `true` by the seed it drew); None if off."""
@@ -65,8 +69,11 @@ class ParityCLI(LightningCLI):
         seed = self._seed()
         if seed is not None and not any(isinstance(c, EpochSeed) for c in callbacks):
             callbacks = [*callbacks, EpochSeed(seed)]  # per-rank, per-epoch dropout and augmentation draws
-        kwargs["callbacks"] = callbacks
-        trainer = super().instantiate_trainer(**kwargs)
+        kwargs = {key: value for key, value in kwargs.items() if key != "callbacks"}
+        trainer = super().instantiate_trainer(**kwargs, callbacks=list(callbacks))
+        distributed = self._distributed_defaults(trainer, config)
+        if distributed:  # the same Trainer again, with what DDP needs for this model
+            trainer = super().instantiate_trainer(**kwargs, **distributed, callbacks=list(callbacks))
         if not any(isinstance(c, HistoryWriter) for c in trainer.callbacks):
             # history.json / history.csv and the TensorBoard tags `parity train` writes for both frameworks, in the
             # run's log directory (lightning_logs/version_<n>), so CLI runs overlay TF runs too
@@ -76,6 +83,23 @@ class ParityCLI(LightningCLI):
             trainer.callbacks.append(HistoryWriter(directory, model_name=self.model.hparams.model_name,
                                                    seed=seed or 0, recipe=hparams))
         return trainer
+
+    def _distributed_defaults(self, trainer: Trainer, config: dict) -> dict:
+        """What `parity train` sets by itself under DDP, where the config leaves it open: Keras-semantics synchronized
+        BatchNorm (`KerasSyncBatchNorm`) for models with BatchNorm, unless the config names a layer sync or
+        `sync_batchnorm`; and `find_unused_parameters` for a looped ensemble (it backpropagates one member at a
+        time), unless the config names a strategy other than "auto" / "ddp"."""
+        if trainer.world_size <= 1 or not isinstance(trainer.strategy, DDPStrategy) or self.model is None:
+            return {}
+        extra = {}
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if (has_batchnorm(self.model) and not config.get("sync_batchnorm")
+                and not any(isinstance(p, LayerSync) for p in plugins)):
+            extra["plugins"] = [*plugins, KerasSyncBatchNorm()]
+        if not self.model.automatic_optimization and config.get("strategy", "auto") in ("auto", "ddp"):
+            extra["strategy"] = DDPStrategy(find_unused_parameters=True)
+        return extra
 
     # ---------------------------------------------------------------------------------- member-parallel
     def fit(self, model: ClassifierModule, datamodule=None, ckpt_path=None, **kwargs) -> None:
