@@ -381,7 +381,9 @@ class _LightningWorker(_TorchWorker):
                 pass
 
             def setup(self, stage: str | None = None) -> None:
-                self.train_set, self.eval_sets, self.eval_names = InMemoryImages(images, labels), {}, []
+                # on the trainer's GPU when Trainer.fit calls this (MNISTDataModule.data_device)
+                self.train_set = InMemoryImages(images, labels).to(self.data_device())
+                self.eval_sets, self.eval_names = {}, []
 
         self.data = BenchData(batch_size=cell.batch, scale=recipe.scale, shuffle=False, seed=seed)
         self.data.setup("fit")

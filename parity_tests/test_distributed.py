@@ -285,7 +285,11 @@ def test_lightning_cli_selects_member_parallel_and_trains_the_members_parity_tra
     assert parity(["train", "cnn_ensemble3", "--framework", "torch", "--members", "2", "--ensemble-mode", "members",
                    "--epochs", "1", "--limit-train", "200", "--out", str(tmp_path / "runs"), "--no-progress",
                    "--accelerator", "cpu"]) == 0
-    cli = lightning_cli([*CLI_MEMBERS, "--model.members=2", f"--trainer.default_root_dir={tmp_path / 'cli'}"])
+    # a config as Lightning writes them (SaveConfigCallback, --print_config) also names the fit options
+    config = tmp_path / "saved_config.yaml"
+    config.write_text((CONFIGS / "tut001_ensemble.yaml").read_text() + "ckpt_path: null\nweights_only: null\n")
+    cli = lightning_cli(["fit", "--config", str(config), *CLI_MEMBERS[3:], "--model.members=2",
+                         f"--trainer.default_root_dir={tmp_path / 'cli'}"])
     printed = capsys.readouterr().out
 
     for k in range(2):
@@ -407,4 +411,50 @@ def test_lightning_cli_names_what_ddp_needs_only_where_the_config_leaves_it_open
     assert single_model._layer_sync is None and single_model._ddp_kwargs == {}
     named = strategy("tut001_ensemble", "--trainer.devices=2", "--trainer.strategy=ddp_find_unused_parameters_false")
     assert named._ddp_kwargs == {"find_unused_parameters": False}  # the config's own choice is kept
+    given = strategy("tut001_best", "--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
+                     "--trainer.strategy.static_graph=true")  # a strategy object from the config is completed
+    assert isinstance(given._layer_sync, KerasSyncBatchNorm) and given._ddp_kwargs["static_graph"] is True
+    assert not isinstance(strategy("tut001_best", "--trainer.devices=2", "--trainer.sync_batchnorm=true")._layer_sync,
+                          KerasSyncBatchNorm)  # Lightning's own, as asked
     assert getattr(strategy("tut001_best", "--trainer.devices=1"), "_layer_sync", None) is None
+
+
+@pytest.mark.slow
+def test_lightning_cli_member_parallel_under_torchrun(tmp_path):
+    """Launched by torchrun (2 processes, 3 members): each launched process trains its own members (rank 1: member
+    1) and rank 0 assembles the ensemble; every member's run writes its logs, whichever rank trained it (Lightning
+    took the rank from RANK, and its loggers write on rank 0 only, so member 1 had no TensorBoard or CSV logs)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run([*torchrun, "-m", "torch_impl.cli", *CLI_MEMBERS, "--model.members=3",
+                             "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path / 'run'}"],
+                            check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("members_logits_test_acc") == 1  # rank 0 alone assembles and reports
+    _assert_ensemble_is_the_members_sum(tmp_path / "run", 3)
+    for k in range(3):
+        logs = tmp_path / "run" / "members" / f"member{k}" / "lightning_logs" / "version_0"
+        assert list(logs.glob("events.out.tfevents.*")), f"member {k} has no TensorBoard log"
+        assert (logs / "checkpoints" / "epoch000.ckpt").exists()
+
+
+def test_member_runs_clear_their_earlier_done_markers_before_any_training(tmp_path, monkeypatch):
+    """Rank 0 assembles the ensemble once every member's `done` marker exists. A marker (and final weights) left
+    by an earlier run in the same directory must be gone before any of this run's training starts: else rank 0,
+    done with its own members, could assemble a member another rank is still training from the earlier run's."""
+    import torch_impl.train
+    from parity.catalog import recipe_for
+    from torch_impl.train import train_member_parallel
+
+    members = tmp_path / "cnn_ensemble3" / "torch" / "seed0" / "members"
+    for k in range(2):
+        (members / f"member{k}").mkdir(parents=True)
+        (members / f"member{k}" / "done").write_text("ok\n")
+        (members / f"member{k}" / "final.pt").write_bytes(b"an earlier run's")
+    seen = []
+    real_fit = torch_impl.train._fit
+    monkeypatch.setattr(torch_impl.train, "_fit", lambda name, r, directory, **kw: seen.append(
+        sorted(p.parent.name for p in members.glob("*/done"))) or real_fit(name, r, directory, **kw))
+    recipe = recipe_for("cnn_ensemble3").replace(members=2, epochs=1)
+    train_member_parallel("cnn_ensemble3", recipe, out=tmp_path, progress=False, limit_train=64, accelerator="cpu")
+    assert seen == [[], ["member0"]], seen  # member 1's old marker was gone while member 0 trained

@@ -47,6 +47,9 @@ def test_config_is_the_recipe(config):
     wanted = epoch_checkpoints(recipe, Path("unused"))
     (checkpoint,) = [c["init_args"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     assert checkpoint.get("save_top_k", 1) == wanted.save_top_k
+    # the same file names (epoch000.ckpt; with Lightning's default the template would give epochepoch=000.ckpt)
+    assert checkpoint.get("auto_insert_metric_name", True) == wanted.auto_insert_metric_name
+    assert checkpoint["filename"] == wanted.filename
     assert checkpoint.get("monitor") == wanted.monitor
     if wanted.monitor:
         assert checkpoint.get("mode", "min") == wanted.mode

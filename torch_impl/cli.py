@@ -14,15 +14,14 @@ member's seed, spread over the devices; rank 0 then assembles and tests the ense
 
 from __future__ import annotations
 
+import copy
 import os
-import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.strategies import DDPStrategy
 
 from parity.catalog import get_spec
@@ -30,9 +29,10 @@ from parity.runs import History, member_seed
 from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.datamodule import MNISTDataModule
-from torch_impl.distributed import KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank
+from torch_impl.distributed import (KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank,
+                                   single_process_rank)
 from torch_impl.lightning_module import ClassifierModule
-from torch_impl.train import evaluate_ensemble, load_members, member_dir, wait_for_members
+from torch_impl.train import clear_member, evaluate_ensemble, load_members, member_dir, wait_for_members
 
 
 class ParityCLI(LightningCLI):
@@ -51,10 +51,6 @@ class ParityCLI(LightningCLI):
         seed = self._get(self.config, "seed_everything")
         return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
-    def parse_arguments(self, parser, args) -> None:
-        self.given_arguments = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else args
-        super().parse_arguments(parser, args)
-
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("data.seed") is None and self._seed() is not None:
@@ -69,11 +65,9 @@ class ParityCLI(LightningCLI):
         seed = self._seed()
         if seed is not None and not any(isinstance(c, EpochSeed) for c in callbacks):
             callbacks = [*callbacks, EpochSeed(seed)]  # per-rank, per-epoch dropout and augmentation draws
-        kwargs = {key: value for key, value in kwargs.items() if key != "callbacks"}
-        trainer = super().instantiate_trainer(**kwargs, callbacks=list(callbacks))
-        distributed = self._distributed_defaults(trainer, config)
-        if distributed:  # the same Trainer again, with what DDP needs for this model
-            trainer = super().instantiate_trainer(**kwargs, **distributed, callbacks=list(callbacks))
+        kwargs["callbacks"] = callbacks
+        trainer = super().instantiate_trainer(**kwargs)
+        self._complete_ddp(trainer)
         if not any(isinstance(c, HistoryWriter) for c in trainer.callbacks):
             # history.json / history.csv and the TensorBoard tags `parity train` writes for both frameworks, in the
             # run's log directory (lightning_logs/version_<n>), so CLI runs overlay TF runs too
@@ -84,65 +78,70 @@ class ParityCLI(LightningCLI):
                                                    seed=seed or 0, recipe=hparams))
         return trainer
 
-    def _distributed_defaults(self, trainer: Trainer, config: dict) -> dict:
+    def _complete_ddp(self, trainer: Trainer) -> None:
         """What `parity train` sets by itself under DDP, where the config leaves it open: Keras-semantics synchronized
-        BatchNorm (`KerasSyncBatchNorm`) for models with BatchNorm, unless the config names a layer sync or
-        `sync_batchnorm`; and `find_unused_parameters` for a looped ensemble (it backpropagates one member at a
-        time), unless the config names a strategy other than "auto" / "ddp"."""
-        if trainer.world_size <= 1 or not isinstance(trainer.strategy, DDPStrategy) or self.model is None:
-            return {}
-        extra = {}
-        plugins = config.get("plugins") or []
-        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-        if (has_batchnorm(self.model) and not config.get("sync_batchnorm")
-                and not any(isinstance(p, LayerSync) for p in plugins)):
-            extra["plugins"] = [*plugins, KerasSyncBatchNorm()]
-        if not self.model.automatic_optimization and config.get("strategy", "auto") in ("auto", "ddp"):
-            extra["strategy"] = DDPStrategy(find_unused_parameters=True)
-        return extra
+        BatchNorm (`KerasSyncBatchNorm`) for models with BatchNorm, unless the config names a layer sync (a plugin or
+        `sync_batchnorm`); and `find_unused_parameters=True` for a looped ensemble (it backpropagates one member at a
+        time), unless the config's strategy sets it. Set on the Trainer's DDP strategy before anything runs (the
+        strategy keeps both as attributes until `fit` sets the model up), so a strategy given as an object keeps
+        everything else the config gave it."""
+        strategy = trainer.strategy
+        if trainer.world_size <= 1 or not isinstance(strategy, DDPStrategy) or self.model is None:
+            return
+        if getattr(strategy, "_layer_sync", None) is None and has_batchnorm(self.model):
+            strategy._layer_sync = KerasSyncBatchNorm()
+        if not self.model.automatic_optimization and isinstance(getattr(strategy, "_ddp_kwargs", None), dict):
+            strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
 
     # ---------------------------------------------------------------------------------- member-parallel
     def fit(self, model: ClassifierModule, datamodule=None, ckpt_path=None, **kwargs) -> None:
         """`Trainer.fit`, or for `model.ensemble_mode=members` member-parallel training: member k is trained by
-        rank k % (devices x nodes) as a run of this same config with `members=1`, the member's seeds
-        (`parity.runs.member_seed`, as `parity train --ensemble-mode members`) and one device, in
-        `<default_root_dir>/members/member<k>/`; rank 0 then loads every member's final weights into `model`,
-        tests the ensemble, and writes `checkpoints/ensemble.ckpt` and `history.json` into `default_root_dir`.
-        Several devices without torchrun or srun: one process per device is spawned here."""
+        process k % P as a run of this same config with `members=1`, the member's seeds (`parity.runs.member_seed`,
+        as `parity train --ensemble-mode members`) and one device, in `<default_root_dir>/members/member<k>/`;
+        process 0 then loads every member's final weights into `model`, tests the ensemble, and writes
+        `checkpoints/ensemble.ckpt` and `history.json` into `default_root_dir`. Under torchrun or srun the P
+        processes are the launched ones (WORLD_SIZE / SLURM_NTASKS); otherwise, with `trainer.devices` x
+        `trainer.num_nodes` > 1 on one node, one process per device is spawned here (no more than the members)."""
         if model.hparams.ensemble_mode != "members" or model.hparams.members < 2:
             self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
             return
         if ckpt_path is not None:
             raise ValueError("--ckpt_path does not resume a member-parallel run (every member has its own "
                              "checkpoints); resume one with `parity train MODEL --ensemble-mode members --resume`")
-        if isinstance(self.given_arguments, dict):
-            raise ValueError("member-parallel training from the LightningCLI needs command-line arguments, not a dict")
-        arguments = list(self.given_arguments)
-        arguments.remove(self.subcommand)  # each member's run is built without a subcommand (run=False)
         root = Path(self.trainer.default_root_dir)
-        config = self.config[self.subcommand]
+        # each member's run: this config as parsed (the command line, config files and defaults), less the
+        # subcommand's own options (ckpt_path, weights_only, ...), with the member's overrides (`_fit_members`)
+        parsed = self.config[self.subcommand]
+        config = parsed.clone()
+        for key in list(parsed.keys()):
+            if key.split(".")[0] not in _RUN_KEYS:
+                config.pop(key, None)
         seed = self._seed() or 0
-        plan = {"arguments": arguments, "root": str(root), "member_name": get_spec(model.hparams.model_name).member
-                or model.hparams.model_name, "members": model.hparams.members, "seed": seed,
+        cuda = self.trainer.strategy.root_device.type == "cuda"
+        plan = {"config": config.as_dict(), "root": str(root), "members": model.hparams.members,
+                "member_name": get_spec(model.hparams.model_name).member or model.hparams.model_name, "seed": seed,
                 "data_seed": config.get("data.seed") if config.get("data.seed") is not None else seed,
-                "cuda": self.trainer.strategy.root_device.type == "cuda"}
+                "device_ids": list(self.trainer.device_ids) if cuda else None}
         layout = launched_rank()
         world = self.trainer.num_devices * self.trainer.num_nodes
         if layout is not None:
-            _fit_members(layout[0], layout[1], layout[2], plan)
-            if layout[0] != 0:
+            rank, world, local_rank = layout
+            _fit_members(rank, world, local_rank, plan, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+            if rank != 0:
                 return
             wait_for_members(root, plan["members"])
         elif world > 1:
             if self.trainer.num_nodes > 1:
                 raise ValueError("member-parallel training across nodes is launched by srun or torchrun, one "
                                  "process per device (scripts/slurm_ensemble.sbatch)")
-            torch.multiprocessing.start_processes(_spawned_member_worker, args=(world, plan), nprocs=world,
+            processes = min(world, plan["members"])
+            torch.multiprocessing.start_processes(_spawned_member_worker, args=(processes, plan), nprocs=processes,
                                                   start_method="spawn")
         else:
-            _fit_members(0, 1, 0, plan)
+            _fit_members(0, 1, 0, plan, 1)
         load_members(model, root)
-        test = evaluate_ensemble(model, datamodule, root, accelerator="gpu" if plan["cuda"] else "cpu")
+        test = evaluate_ensemble(model, datamodule, root, accelerator="gpu" if cuda else "cpu",
+                                 devices=plan["device_ids"][:1] if cuda else 1)
         recipe = {**dict(model.hparams), **(dict(datamodule.hparams) if datamodule is not None else {})}
         History(root, model.hparams.model_name, "torch", recipe, seed).finish(
             **{k: v for k, v in test.items() if k.startswith("test_")})
@@ -150,24 +149,32 @@ class ParityCLI(LightningCLI):
             print(f"{key}: {value:.4f}")
 
 
+_RUN_KEYS = {"seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler"}  # a run without subcommand
+
+
 def _spawned_member_worker(rank: int, world: int, plan: dict) -> None:
-    _fit_members(rank, world, rank, plan)
+    _fit_members(rank, world, rank, plan, world)
 
 
-def _fit_members(rank: int, world: int, local_rank: int, plan: dict) -> None:
-    """Train this rank's members, each a run of the CLI's config with `members=1` (see `ParityCLI.fit`)."""
-    if world > 1 and not plan["cuda"]:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the processes share the CPU cores
-    for k in members_of_rank(plan["members"], rank, world):
+def _fit_members(rank: int, world: int, local_rank: int, plan: dict, local_world: int) -> None:
+    """Train this process's members, each a run of the CLI's config with `members=1` (see `ParityCLI.fit`)."""
+    cuda = plan["device_ids"] is not None
+    if local_world > 1 and not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # this node's processes share its cores
+    mine = members_of_rank(plan["members"], rank, world)
+    for k in mine:  # before any training: process 0 must not take an earlier run's member for this run's
+        clear_member(Path(plan["root"]), k)
+    for k in mine:
         target = member_dir(Path(plan["root"]), k)
-        (target / "done").unlink(missing_ok=True)
-        overrides = [f"--seed_everything={member_seed(plan['seed'], k)}",
-                     f"--data.seed={member_seed(plan['data_seed'], k)}",
-                     f"--model.model_name={plan['member_name']}", "--model.members=1", "--model.ensemble_mode=loop",
-                     f"--trainer.devices=[{local_rank}]" if plan["cuda"] else "--trainer.devices=1",
-                     "--trainer.num_nodes=1", "--trainer.strategy=auto", f"--trainer.default_root_dir={target}"]
-        cli = main([*plan["arguments"], *overrides], run=False)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        config = copy.deepcopy(plan["config"])
+        config["seed_everything"] = member_seed(plan["seed"], k)
+        config["data"]["seed"] = member_seed(plan["data_seed"], k)
+        config["model"].update(model_name=plan["member_name"], members=1, ensemble_mode="loop")
+        config["trainer"].update(devices=[plan["device_ids"][local_rank]] if cuda else 1, num_nodes=1,
+                                 strategy="auto", default_root_dir=str(target))
+        with single_process_rank():  # a member's run logs and checkpoints as the one process it is
+            cli = main(config, run=False)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         # the member as its run ended (with Keras-style early stopping: the restored best weights)
         torch.save(cli.model.state_dict(), target / "final.pt")
         (target / "done").write_text("ok\n")

@@ -51,7 +51,12 @@ class InMemoryImages(Dataset):
         return self
 
     def __getitems__(self, indices):
-        indices = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if self.images.device.type == "cuda":
+            # from pinned memory without waiting: a plain copy would wait for the GPU to finish its queued steps
+            indices = indices.pin_memory().to(self.images.device, non_blocking=True)
+        else:
+            indices = indices.to(self.images.device)
         source = indices // self.repeats
         augment = (indices % self.repeats) != 0
         return self.images[source], self.labels[source], augment
@@ -154,8 +159,13 @@ class MNISTDataModule(L.LightningDataModule):
         pdata.fetch(self.hparams.dataset, source_dir=self.hparams.data_dir, log=lambda *a, **k: None)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.split is not None:
-            return
+        if self.split is None:
+            self._load()
+        device = self.data_device()  # on every call: the trainer (and so the device) can differ from the last one
+        for dataset in (self.train_set, *self.eval_sets.values()):
+            dataset.to(device)
+
+    def _load(self) -> None:
         hp = self.hparams
         self.split = pdata.load_split(hp.dataset, hp.split, source_dir=hp.data_dir)
         x, y, repeats = self.split.x_train, self.split.y_train, 1
@@ -174,10 +184,6 @@ class MNISTDataModule(L.LightningDataModule):
             self.eval_sets["val"] = InMemoryImages(self.split.x_val, self.split.y_val)
         self.eval_sets["test"] = InMemoryImages(self.split.x_test, self.split.y_test)
         self.eval_names = list(self.eval_sets)
-        device = self.data_device()
-        if device.type != "cpu":
-            for dataset in (self.train_set, *self.eval_sets.values()):
-                dataset.to(device)
 
     def data_device(self) -> torch.device:
         """Where the datasets live: the trainer's device if `data_on_device` allows it (see the class docs), else the

@@ -10,6 +10,7 @@ Keras's); `KerasSyncBatchNorm` is the Lightning `LayerSync` plugin that keeps Ke
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -98,3 +99,18 @@ def launched_rank() -> tuple[int, int, int] | None:
 def members_of_rank(members: int, rank: int, world_size: int) -> list[int]:
     """Member-parallel assignment: member k is trained by rank k % world_size."""
     return [k for k in range(members) if k % world_size == rank]
+
+
+@contextlib.contextmanager
+def single_process_rank():
+    """Within: Lightning's rank-zero-only functions (the loggers' writes, its messages) act in this process. A member of
+    a member-parallel run trains in a single-process Trainer of its own, but Lightning took the process's rank from
+    RANK / SLURM_PROCID (torchrun, srun), so on every process but the first its loggers would write nothing."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    saved = getattr(rank_zero_only, "rank", 0)
+    rank_zero_only.rank = 0
+    try:
+        yield
+    finally:
+        rank_zero_only.rank = saved

@@ -30,7 +30,8 @@ from torch_impl.callbacks import (EpochSeed, HistoryWriter, KerasEarlyStopping, 
                                   SetAsideCheckpoints)
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
-from torch_impl.distributed import KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank
+from torch_impl.distributed import (KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank,
+                                   single_process_rank)
 from torch_impl.lightning_module import ClassifierModule
 
 ENSEMBLE_MODES = ("loop", "vectorized", "members")
@@ -270,19 +271,32 @@ def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory:
     if world > 1 and kwargs["accelerator"] in ("cpu", "auto") and not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # processes share the CPU cores
     member_name = get_spec(model_name).member or model_name
-    for k in members_of_rank(members, rank, world):
-        target = member_dir(directory, k)
-        if kwargs["resume"] and _finished_with(target, member_recipe):
+    todo = []
+    for k in members_of_rank(members, rank, world):  # decided for all first: rank 0 waits for the others' `done`
+        if kwargs["resume"] and _finished_with(member_dir(directory, k), member_recipe):
             print(f"--resume: member {k} finished this recipe before; kept", flush=True)
             continue
-        (target / "done").unlink(missing_ok=True)
+        clear_member(directory, k)
+        todo.append(k)
+    for k in todo:
+        target = member_dir(directory, k)
         kw = dict(kwargs, seed=member_seed(kwargs["seed"], k))
         devices = [local_rank] if torch.cuda.is_available() and kwargs["accelerator"] != "cpu" else 1
-        result = _fit(member_name, member_recipe, target, devices=devices, num_nodes=1,
-                      ensemble_mode="loop", trainer_kwargs=None, **kw)
+        with single_process_rank():  # a member's run logs and checkpoints as the one process it is
+            result = _fit(member_name, member_recipe, target, devices=devices, num_nodes=1,
+                          ensemble_mode="loop", trainer_kwargs=None, **kw)
         # the member as its run ended (for 003: the best epoch's weights, restored after the last checkpoint)
         torch.save(result["models"][0].state_dict(), target / "final.pt")
         (target / "done").write_text("ok\n")
+
+
+def clear_member(directory: Path, k: int) -> None:
+    """Member k is about to be trained again: its `done` marker and final weights from an earlier run go first, so
+    that process 0, waiting for `done`, never assembles an earlier run's member (its checkpoints stay for
+    resuming)."""
+    target = member_dir(directory, k)
+    (target / "done").unlink(missing_ok=True)
+    (target / "final.pt").unlink(missing_ok=True)
 
 
 def _finished_with(target: Path, recipe: Recipe) -> bool:
@@ -331,13 +345,14 @@ def load_members(module: ClassifierModule, directory: Path) -> None:
 
 
 def evaluate_ensemble(module: ClassifierModule, datamodule: MNISTDataModule, directory: Path, *,
-                      accelerator: str = "auto") -> dict[str, float]:
+                      accelerator: str = "auto", devices=1) -> dict[str, float]:
     """Test metrics of the assembled ensemble (ensemble, member and combine-rule accuracies, agreement) on one
     device; the ensemble is saved as `directory/checkpoints/ensemble.ckpt`."""
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False)
     module.reset_epoch_metrics()
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    with single_process_rank():
+        trainer.test(module, datamodule=datamodule, verbose=False)
     test = module.epoch_metrics(reset=True)
     (directory / "checkpoints").mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(directory / "checkpoints" / "ensemble.ckpt")
