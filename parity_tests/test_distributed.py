@@ -115,13 +115,19 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     _parity_train(tmp_path, "single", *common)
     _parity_train(tmp_path, "ddp", *common, "--devices", "2")
     single, ddp = _last_state(tmp_path, "single", "bn_cnn"), _last_state(tmp_path, "ddp", "bn_cnn")
+    _assert_ddp_trained_as_one_process(single, ddp, "model.members.0.conv1.bn.running_var")
+
+
+def _assert_ddp_trained_as_one_process(single: dict, ddp: dict, float64_buffer: str) -> None:
+    """Two float64 runs of the 2-member `bn_cnn` ensemble: the same parameters and BN statistics to 1e-9, and trained
+    (4 steps at lr 1e-3), so equality is not the initial weights'."""
     assert single.keys() == ddp.keys()
-    assert single["model.members.0.conv1.bn.running_var"].dtype == torch.float64
+    assert single[float64_buffer].dtype == torch.float64
     for name, tensor in single.items():
         torch.testing.assert_close(ddp[name], tensor, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
     initial = build_model("bn_cnn", seed=0)
     moved = (single["model.members.0.conv1.conv.weight"].float() - initial.conv1.conv.weight).abs().max()
-    assert moved > 1e-4  # the runs trained (4 steps at lr 1e-3), so equality is not the initial weights'
+    assert moved > 1e-4
 
 
 @pytest.mark.slow
@@ -385,13 +391,7 @@ def test_lightning_cli_ddp_adds_keras_sync_batchnorm_and_equals_one_process(tmp_
               "--model.lr_decay_epochs=0.5", "--trainer.precision=64-true")
     single = _cli_last_state(tmp_path, *common, "--trainer.devices=1")
     ddp = _cli_last_state(tmp_path, *common, "--trainer.devices=2")
-    assert single.keys() == ddp.keys()
-    assert single["model.members.1.conv1.bn.running_var"].dtype == torch.float64
-    for name, tensor in single.items():
-        torch.testing.assert_close(ddp[name], tensor, rtol=0, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
-    initial = build_model("bn_cnn", seed=0)
-    moved = (single["model.members.0.conv1.conv.weight"].float() - initial.conv1.conv.weight).abs().max()
-    assert moved > 1e-4  # the runs trained, so equality is not the initial weights'
+    _assert_ddp_trained_as_one_process(single, ddp, "model.members.1.conv1.bn.running_var")
 
 
 def test_lightning_cli_names_what_ddp_needs_only_where_the_config_leaves_it_open(tmp_path):

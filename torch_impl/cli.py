@@ -30,9 +30,10 @@ from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.distributed import (KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank,
-                                   single_process_rank)
+                                   share_cpu_cores, single_process_rank)
 from torch_impl.lightning_module import ClassifierModule
-from torch_impl.train import clear_member, evaluate_ensemble, load_members, member_dir, wait_for_members
+from torch_impl.train import (clear_member, evaluate_ensemble, finish_member, load_members, member_dir,
+                              wait_for_members)
 
 
 class ParityCLI(LightningCLI):
@@ -160,7 +161,7 @@ def _fit_members(rank: int, world: int, local_rank: int, plan: dict, local_world
     """Train this process's members, each a run of the CLI's config with `members=1` (see `ParityCLI.fit`)."""
     cuda = plan["device_ids"] is not None
     if local_world > 1 and not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # this node's processes share its cores
+        share_cpu_cores(local_world)
     mine = members_of_rank(plan["members"], rank, world)
     for k in mine:  # before any training: process 0 must not take an earlier run's member for this run's
         clear_member(Path(plan["root"]), k)
@@ -176,8 +177,7 @@ def _fit_members(rank: int, world: int, local_rank: int, plan: dict, local_world
             cli = main(config, run=False)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         # the member as its run ended (with Keras-style early stopping: the restored best weights)
-        torch.save(cli.model.state_dict(), target / "final.pt")
-        (target / "done").write_text("ok\n")
+        finish_member(Path(plan["root"]), k, cli.model)
 
 
 def main(args=None, run: bool = True) -> LightningCLI:

@@ -96,6 +96,11 @@ def launched_rank() -> tuple[int, int, int] | None:
     return None
 
 
+def share_cpu_cores(processes: int) -> None:
+    """This process's share of the CPU cores, when `processes` processes train side by side on them."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+
+
 def members_of_rank(members: int, rank: int, world_size: int) -> list[int]:
     """Member-parallel assignment: member k is trained by rank k % world_size."""
     return [k for k in range(members) if k % world_size == rank]

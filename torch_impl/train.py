@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from torch_impl.callbacks import (EpochSeed, HistoryWriter, KerasEarlyStopping, 
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.distributed import (KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank,
-                                   single_process_rank)
+                                   share_cpu_cores, single_process_rank)
 from torch_impl.lightning_module import ClassifierModule
 
 ENSEMBLE_MODES = ("loop", "vectorized", "members")
@@ -269,7 +268,7 @@ def member_dir(directory: Path, k: int) -> Path:
 def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory: Path, members: int, world: int,
                    local_rank: int, kwargs: dict) -> None:
     if world > 1 and kwargs["accelerator"] in ("cpu", "auto") and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # processes share the CPU cores
+        share_cpu_cores(world)
     member_name = get_spec(model_name).member or model_name
     todo = []
     for k in members_of_rank(members, rank, world):  # decided for all first: rank 0 waits for the others' `done`
@@ -286,8 +285,7 @@ def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory:
             result = _fit(member_name, member_recipe, target, devices=devices, num_nodes=1,
                           ensemble_mode="loop", trainer_kwargs=None, **kw)
         # the member as its run ended (for 003: the best epoch's weights, restored after the last checkpoint)
-        torch.save(result["models"][0].state_dict(), target / "final.pt")
-        (target / "done").write_text("ok\n")
+        finish_member(directory, k, result["models"][0])
 
 
 def clear_member(directory: Path, k: int) -> None:
@@ -297,6 +295,14 @@ def clear_member(directory: Path, k: int) -> None:
     target = member_dir(directory, k)
     (target / "done").unlink(missing_ok=True)
     (target / "final.pt").unlink(missing_ok=True)
+
+
+def finish_member(directory: Path, k: int, module: ClassifierModule) -> None:
+    """Member k's final weights, then its `done` marker: written last, since process 0 takes it as the signal that
+    `final.pt` is complete."""
+    target = member_dir(directory, k)
+    torch.save(module.state_dict(), target / "final.pt")
+    (target / "done").write_text("ok\n")
 
 
 def _finished_with(target: Path, recipe: Recipe) -> bool:
