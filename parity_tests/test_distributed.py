@@ -315,6 +315,58 @@ def test_lightning_cli_selects_member_parallel_and_trains_the_members_parity_tra
         for name, tensor in cli.model.members[1].state_dict().items())
 
 
+def _assert_float64_ensemble(directory: Path, members: int) -> None:
+    """Every member trained in float64 and the ensemble was assembled and tested in float64 (not rounded to float32
+    when the members' weights were loaded): its checkpoint holds the members' float64 weights unchanged."""
+    ensemble = torch.load(directory / "checkpoints" / "ensemble.ckpt", map_location="cpu", weights_only=False)
+    for k in range(members):
+        final = _final_weights(directory, k)
+        assert {t.dtype for t in final.values() if t.is_floating_point()} == {torch.float64}
+        for name, tensor in final.items():
+            assembled = ensemble["state_dict"][name.replace("model.members.0.", f"model.members.{k}.")]
+            assert assembled.dtype == tensor.dtype and torch.equal(assembled, tensor), f"member {k} {name}"
+
+
+def test_member_parallel_trains_and_tests_at_the_precision_asked_for(tmp_path):
+    """`parity train --ensemble-mode members --precision 64-true`: the members train in float64 (the option used to
+    be dropped for member-parallel runs) and the ensemble is tested in float64."""
+    from parity.cli import main as parity
+
+    assert parity(["train", "cnn_ensemble3", "--framework", "torch", "--members", "2", "--ensemble-mode", "members",
+                   "--epochs", "1", "--limit-train", "100", "--out", str(tmp_path), "--no-progress",
+                   "--accelerator", "cpu", "--precision", "64-true"]) == 0
+    _assert_float64_ensemble(tmp_path / "cnn_ensemble3" / "torch" / "seed0", 2)
+
+
+def test_lightning_cli_member_runs_get_their_own_log_and_checkpoint_directories(tmp_path):
+    """A config that names a logger's `save_dir` and a ModelCheckpoint `dirpath` would have every member's run write
+    into the same directories (mixed logs, one `last.ckpt` overwriting the other): each member's run gets its own,
+    under its member directory. At `--trainer.precision=64-true` the ensemble is assembled and tested in float64."""
+    import yaml
+
+    from torch_impl.cli import main as lightning_cli
+
+    config = yaml.safe_load((CONFIGS / "tut001_ensemble.yaml").read_text())
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                   "init_args": {"save_dir": str(tmp_path / "shared_logs")}}
+    (checkpoint,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    checkpoint["init_args"]["dirpath"] = str(tmp_path / "shared_checkpoints")
+    path = tmp_path / "named_dirs.yaml"
+    path.write_text(yaml.safe_dump(config))
+    root = tmp_path / "run"
+    lightning_cli(["fit", "--config", str(path), *CLI_MEMBERS[3:], "--model.members=2", "--data.limit_train=100",
+                   "--trainer.precision=64-true", f"--trainer.default_root_dir={root}"])
+    # nothing written where the config pointed (the parsing process's own logger leaves an empty version dir)
+    assert not [p for p in (tmp_path / "shared_logs").rglob("*") if p.is_file()]
+    assert not (tmp_path / "shared_checkpoints").exists()
+    for k in range(2):
+        member = root / "members" / f"member{k}"
+        assert len(list((member / "shared_logs").glob("lightning_logs/version_*/metrics.csv"))) == 1
+        assert (member / "shared_checkpoints" / "last.ckpt").exists()
+        assert (member / "shared_checkpoints" / "epoch000.ckpt").exists()
+    _assert_float64_ensemble(root, 2)
+
+
 @pytest.mark.slow
 def test_lightning_cli_member_parallel_spawns_one_process_per_device(tmp_path):
     """`--trainer.devices=2` on CPU without torchrun: two spawned processes train members {0, 2} and {1}, and the

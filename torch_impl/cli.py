@@ -142,7 +142,7 @@ class ParityCLI(LightningCLI):
             _fit_members(0, 1, 0, plan, 1)
         load_members(model, root)
         test = evaluate_ensemble(model, datamodule, root, accelerator="gpu" if cuda else "cpu",
-                                 devices=plan["device_ids"][:1] if cuda else 1)
+                                 devices=plan["device_ids"][:1] if cuda else 1, precision=self.trainer.precision)
         recipe = {**dict(model.hparams), **(dict(datamodule.hparams) if datamodule is not None else {})}
         History(root, model.hparams.model_name, "torch", recipe, seed).finish(
             **{k: v for k, v in test.items() if k.startswith("test_")})
@@ -173,11 +173,24 @@ def _fit_members(rank: int, world: int, local_rank: int, plan: dict, local_world
         config["model"].update(model_name=plan["member_name"], members=1, ensemble_mode="loop")
         config["trainer"].update(devices=[plan["device_ids"][local_rank]] if cuda else 1, num_nodes=1,
                                  strategy="auto", default_root_dir=str(target))
+        _own_directories(config["trainer"], target)
         with single_process_rank():  # a member's run logs and checkpoints as the one process it is
             cli = main(config, run=False)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         # the member as its run ended (with Keras-style early stopping: the restored best weights)
         finish_member(Path(plan["root"]), k, cli.model)
+
+
+def _own_directories(trainer: dict, target: Path) -> None:
+    """A member's run writes under its own directory: a logger's `save_dir` and a ModelCheckpoint's `dirpath` named
+    in the config (shared by every member's run otherwise, which would mix their logs and overwrite each other's
+    checkpoints) move into `target`, keeping their last path component."""
+    for key, option in (("logger", "save_dir"), ("callbacks", "dirpath")):
+        entries = trainer.get(key)
+        for entry in entries if isinstance(entries, list) else [entries]:
+            init_args = entry.get("init_args") if isinstance(entry, dict) else None
+            if isinstance(init_args, dict) and init_args.get(option):
+                init_args[option] = str(target / Path(init_args[option]).name)
 
 
 def main(args=None, run: bool = True) -> LightningCLI:

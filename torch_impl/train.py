@@ -133,15 +133,17 @@ def train(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=
     if ensemble_mode != "loop" and recipe.members < 2:
         raise ValueError(f"--ensemble-mode {ensemble_mode} needs an ensemble (members > 1); "
                          f"{model_name} has {recipe.members} member(s): use --members N")
+    trainer_kwargs = dict(trainer_kwargs or {}, **({"precision": precision} if precision else {}))
     if ensemble_mode == "members":
         return train_member_parallel(model_name, recipe, seed=seed, out=out, data_dir=data_dir, progress=progress,
                                      limit_train=limit_train, deterministic=deterministic, augment=augment,
-                                     accelerator=accelerator, devices=devices, num_nodes=num_nodes, resume=resume)
+                                     accelerator=accelerator, devices=devices, num_nodes=num_nodes, resume=resume,
+                                     trainer_kwargs=trainer_kwargs)
     directory = run_dir(out, model_name, "torch", seed)
     return _fit(model_name, recipe, directory, seed=seed, data_dir=data_dir, progress=progress,
                 limit_train=limit_train, resume=resume, deterministic=deterministic, augment=augment,
                 accelerator=accelerator, devices=devices, num_nodes=num_nodes, ensemble_mode=ensemble_mode,
-                trainer_kwargs=dict(trainer_kwargs or {}, **({"precision": precision} if precision else {})))
+                trainer_kwargs=trainer_kwargs)
 
 
 def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_dir, progress: bool,
@@ -218,7 +220,7 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
 def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out=None, data_dir=None,
                           progress: bool = True, limit_train: int | None = None, deterministic: bool = False,
                           augment: str | None = None, accelerator: str = "auto", devices: int = 1,
-                          num_nodes: int = 1, resume: bool = False) -> dict:
+                          num_nodes: int = 1, resume: bool = False, trainer_kwargs: dict | None = None) -> dict:
     """Each process trains its share of the members (member k on rank k % world size), each on the full data with
     its own optimizer and seed (`parity.runs.member_seed(seed, k)`); rank 0 then assembles the ensemble from the
     members' final weights into `checkpoints/ensemble.ckpt` and evaluates it.
@@ -227,11 +229,13 @@ def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out
     processes. The members do not share an optimizer (the tutorial's shared step counter couples them), so this
     is the corrected "independent members" variant; its learning-rate schedule counts each member's own steps.
     `resume`: members that finished are kept, an interrupted member resumes from its own newest checkpoint.
+    `trainer_kwargs` (e.g. `precision`) go to every member's Trainer; the ensemble is tested at the same precision.
     """
     directory = run_dir(out, model_name, "torch", seed)
     member_recipe = recipe.replace(members=1)
     kwargs = {"seed": seed, "data_dir": data_dir, "progress": progress, "limit_train": limit_train,
-              "deterministic": deterministic, "augment": augment, "accelerator": accelerator, "resume": resume}
+              "deterministic": deterministic, "augment": augment, "accelerator": accelerator, "resume": resume,
+              "trainer_kwargs": dict(trainer_kwargs or {})}
     layout = launched_rank()
     started = time.perf_counter()
     if layout is not None:
@@ -252,7 +256,8 @@ def train_member_parallel(model_name: str, recipe: Recipe, *, seed: int = 0, out
                 _spawned_worker, args=(model_name, member_recipe, directory, recipe.members, world, kwargs),
                 nprocs=world, start_method="spawn")
     return assemble_members(model_name, recipe, directory, seed=seed, data_dir=data_dir, accelerator=accelerator,
-                            train_seconds=time.perf_counter() - started)
+                            train_seconds=time.perf_counter() - started,
+                            precision=(trainer_kwargs or {}).get("precision"))
 
 
 def _spawned_worker(rank, model_name, member_recipe, directory, members, world, kwargs) -> None:
@@ -283,7 +288,7 @@ def _train_members(rank: int, model_name: str, member_recipe: Recipe, directory:
         devices = [local_rank] if torch.cuda.is_available() and kwargs["accelerator"] != "cpu" else 1
         with single_process_rank():  # a member's run logs and checkpoints as the one process it is
             result = _fit(member_name, member_recipe, target, devices=devices, num_nodes=1,
-                          ensemble_mode="loop", trainer_kwargs=None, **kw)
+                          ensemble_mode="loop", **kw)
         # the member as its run ended (for 003: the best epoch's weights, restored after the last checkpoint)
         finish_member(directory, k, result["models"][0])
 
@@ -324,12 +329,13 @@ def wait_for_members(directory: Path, members: int, poll_seconds: float = 5.0) -
 
 
 def assemble_members(model_name: str, recipe: Recipe, directory: Path, *, seed: int = 0, data_dir=None,
-                     accelerator: str = "auto", train_seconds: float = float("nan")) -> dict:
+                     accelerator: str = "auto", train_seconds: float = float("nan"),
+                     precision: str | None = None) -> dict:
     """The ensemble `ClassifierModule` from the members' final weights (`members/member<k>/final.pt`), evaluated on
     the test set and saved as `checkpoints/ensemble.ckpt` (it loads with `ClassifierModule.load_from_checkpoint`)."""
     module, datamodule = build(model_name, recipe, seed=seed, data_dir=data_dir)
     load_members(module, directory)
-    test = evaluate_ensemble(module, datamodule, directory, accelerator=accelerator)
+    test = evaluate_ensemble(module, datamodule, directory, accelerator=accelerator, precision=precision)
     history = History(directory, model_name, "torch", dataclasses.asdict(recipe), seed)
     history.finish(train_seconds=train_seconds, **{k: v for k, v in test.items() if k.startswith("test_")})
     result = history.as_dict()
@@ -340,22 +346,28 @@ def assemble_members(model_name: str, recipe: Recipe, directory: Path, *, seed: 
 
 def load_members(module: ClassifierModule, directory: Path) -> None:
     """Member k of the ensemble `module` takes the final weights member-parallel training left in
-    `directory/members/member<k>/final.pt` (the state dict of a one-member `ClassifierModule`)."""
+    `directory/members/member<k>/final.pt` (the state dict of a one-member `ClassifierModule`), in the dtype it
+    was trained in (a float64 member stays float64; `load_state_dict` alone would round it to the module's)."""
     for k, member in enumerate(module.members):
         path = member_dir(directory, k) / "final.pt"
         if not path.exists():
             raise FileNotFoundError(f"member {k} has no final weights at {path}; train it first (its rank failed?)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         prefix = "model.members.0."
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        if len(dtypes) == 1:
+            member.to(dtypes.pop())
         member.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def evaluate_ensemble(module: ClassifierModule, datamodule: MNISTDataModule, directory: Path, *,
-                      accelerator: str = "auto", devices=1) -> dict[str, float]:
+                      accelerator: str = "auto", devices=1, precision: str | None = None) -> dict[str, float]:
     """Test metrics of the assembled ensemble (ensemble, member and combine-rule accuracies, agreement) on one
-    device; the ensemble is saved as `directory/checkpoints/ensemble.ckpt`."""
+    device, at the members' training `precision` (Lightning's default if None); the ensemble is saved as
+    `directory/checkpoints/ensemble.ckpt`."""
     trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False)
+                        enable_model_summary=False, use_distributed_sampler=False,
+                        **({"precision": precision} if precision else {}))
     module.reset_epoch_metrics()
     with single_process_rank():
         trainer.test(module, datamodule=datamodule, verbose=False)
