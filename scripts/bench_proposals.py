@@ -15,7 +15,9 @@ hand-written loop / in Trainer.fit, as `parity bench` runs them) plus patches:
   max commutes with the monotone relu, and the max is taken at the same position), ReLUs in place: the ReLU and its
   backward run on a quarter of the elements.
 - `foreach_adam`: KerasAdam's update with `torch._foreach_*` ops in the same operation order (bit-identical).
-- Lightning (`fit` only): `no_bar` (no progress bar), `no_logger`, `no_step_log` (no per-step `self.log`).
+- Lightning (`fit` only): `no_bar` (no progress bar), `no_logger`, `no_step_log` (no per-step `self.log`),
+  `manual` (a single model trained through the module's manual-optimization path: `manual_backward`, then the
+  optimizer's and scheduler's `step()` in `training_step`, instead of Lightning's automatic-optimization closure).
 
 Reported: wall ms/step, CPU ms/step (all threads; steadier than wall time on a shared machine), and the speed-up over
 `current` as the median of per-repeat ratios (paired in time).
@@ -47,6 +49,7 @@ CONFIGS = {
     "fit_no_bar": ("fit", ("no_bar",)),
     "fit_no_logger": ("fit", ("no_logger",)),
     "fit_no_step_log": ("fit", ("no_step_log",)),
+    "fit_manual": ("fit", ("manual",)),
     "bare_all": ("bare", ("malloc", "channels_last", "relu_after_pool")),
     "fit_all": ("fit", ("malloc", "channels_last", "relu_after_pool")),
 }
@@ -174,6 +177,8 @@ def make_worker(setup: dict):
             worker.progress_bar = False
         if "no_logger" in patches:
             worker.trainer_kwargs["logger"] = False
+        if "manual" in patches:
+            worker.module.automatic_optimization = False
     return worker
 
 
