@@ -4,6 +4,8 @@
     parity summary   a catalog model's layers, (H, W, C) shapes and parameter counts, in either framework
     parity train     run a tutorial's recipe in either framework (history, TensorBoard, checkpoints)
     parity compare   prove the TF reference and the Lightning port agree, with a report
+    parity convert   convert a trained model between .keras / .weights.h5 / .npz / Lightning .ckpt / .onnx
+    parity bench     training speed and memory, TF reference vs PyTorch port, side by side
 
 Frameworks are imported only by the subcommand that needs them: `--framework torch` never imports TensorFlow.
 """

@@ -196,6 +196,33 @@ def test_training_order_is_reshuffled_every_epoch_under_trainer_fit():
     assert module.orders[0] != module.orders[1] != module.orders[2]
 
 
+def test_training_batches_are_fetched_whole_with_getitems(monkeypatch):
+    """`tf.data`'s batched slicing, not PyTorch's per-sample `__getitem__` + collate: the DataLoader hands each
+    batch's indices to `InMemoryImages.__getitems__` in one call, which gathers the batch in one indexing op."""
+    from torch_impl.datamodule import InMemoryImages, MNISTDataModule
+
+    def per_sample(self, index):
+        raise AssertionError("a per-sample __getitem__ call: the batch should be fetched whole")
+
+    calls: list[torch.Tensor] = []
+    whole = InMemoryImages.__getitems__
+
+    def recorded(self, indices):
+        calls.append(torch.as_tensor(indices))
+        return whole(self, indices)
+
+    monkeypatch.setattr(InMemoryImages, "__getitem__", per_sample)
+    monkeypatch.setattr(InMemoryImages, "__getitems__", recorded)
+    datamodule = MNISTDataModule(limit_train=100, batch_size=32, drop_last=False)
+    datamodule.setup("fit")
+    batches = list(datamodule.train_dataloader())
+    assert [len(c) for c in calls] == [32, 32, 32, 4] and len(batches) == 4
+    for indices, (images, labels, _) in zip(calls, batches):
+        assert torch.equal(images, datamodule.train_set.images[indices])
+        assert torch.equal(labels, datamodule.train_set.labels[indices])
+    assert sorted(torch.cat(calls).tolist()) == list(range(100))  # one epoch: every image once
+
+
 def test_datasets_move_to_a_gpu_once_and_batches_are_gathered_there():
     """On a CUDA device the uint8 datasets move there in `setup` (a batch is then one indexing op on the device,
     with no host-to-device copy of images per step); `data_on_device=None` leaves them on the CPU elsewhere and when

@@ -91,7 +91,30 @@ def test_recipe_runs_two_steps(request, framework, recipe_name, tmp_path):
     assert 0.0 <= history["test_acc"] <= 1.0
     csv_header = (tmp_path / model / framework / "seed0" / "history.csv").read_text().splitlines()[0]
     assert csv_header == ",".join(EPOCH_COLUMNS)
-    assert any((tmp_path / model / framework / "seed0" / "tensorboard").rglob("events.out.tfevents*"))
+    # TensorBoard: the same tags in both frameworks (so the two runs overlay), one value per epoch column, at step 1
+    from parity.runs import TB_TAGS
+
+    steps = _tensorboard_steps(tmp_path / model / framework / "seed0" / "tensorboard")
+    wanted = {TB_TAGS[key] for key in row if key in TB_TAGS}
+    assert {TB_TAGS["train_loss"], TB_TAGS["test_acc"]} <= wanted
+    assert {tag: steps.get(tag) for tag in wanted} == {tag: [1] for tag in wanted}
+
+
+def _tensorboard_steps(directory: Path) -> dict[str, list[int]]:
+    """Every scalar tag in the event files under `directory` and its steps: Lightning's writer stores scalars,
+    `tf.summary.scalar` stores tensors with the scalars plugin; both are read here without TensorFlow."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps: dict[str, list[int]] = {}
+    for path in sorted(directory.rglob("events.out.tfevents*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        tags = events.Tags()
+        for tag in tags.get("scalars", []):
+            steps.setdefault(tag, []).extend(e.step for e in events.Scalars(tag))
+        for tag in tags.get("tensors", []):
+            steps.setdefault(tag, []).extend(e.step for e in events.Tensors(tag))
+    return steps
 
 
 def test_torch_run_resumes(tmp_path):
