@@ -3,6 +3,7 @@ file the README names, is in the test suite under that name."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -10,10 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "parity_tests"
 
 
-def _defined_tests(module: str) -> set[str]:
+@functools.cache
+def _defined_tests(module: str) -> frozenset[str]:
     path = TESTS / f"{module}.py"
     assert path.exists(), f"{path.name} is cited but does not exist"
-    return set(re.findall(r"^def (test_\w+)\(", path.read_text(), flags=re.M))
+    return frozenset(re.findall(r"^def (test_\w+)\(", path.read_text(), flags=re.M))
 
 
 def _cited_tests(cell: str) -> list[tuple[str, str]]:

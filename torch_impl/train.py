@@ -6,8 +6,9 @@ The YAML files under `configs/` describe the same runs for `python -m torch_impl
 
 Scaling out (see `torch_impl.distributed`): `devices` x `num_nodes` > 1 trains data-parallel under DDP (the recipe's
 batch is the global batch; BatchNorm statistics are synchronized with Keras's semantics); `ensemble_mode`
-"vectorized" runs all members in one pass; "members" trains member k on process k % P (P processes: spawned, or launched by torchrun / srun; one process
-trains them one after another) on the full data and assembles the ensemble from their final weights.
+"vectorized" runs all members in one pass; "members" trains member k on process k % P (P processes: spawned, or
+launched by torchrun / srun; one process trains them one after another) on the full data and assembles the ensemble
+from their final weights.
 """
 
 from __future__ import annotations
