@@ -77,6 +77,32 @@ def test_ranks_split_each_global_batch_of_one_process(shuffle, drop_last):
         GlobalBatchSampler(250, 100, world_size=3)
 
 
+def test_evaluation_batches_split_across_any_process_count():
+    """The evaluation batch (1000) need not divide by the process count (3 here, e.g. 6 or 16 GPUs): each image is
+    evaluated once by exactly one rank; the training batch keeps its rule."""
+    from types import SimpleNamespace
+
+    from torch_impl.datamodule import MNISTDataModule
+
+    loaders = []
+    for rank in range(3):
+        dm = MNISTDataModule(batch_size=99, limit_train=300)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=3, training=False,
+                                     strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        dm.setup("fit")
+        loaders.append(dm.val_dataloader()[0])
+        if rank == 0:
+            dm.trainer.world_size = 4
+            with pytest.raises(ValueError, match="multiple of 4"):
+                dm.train_dataloader()
+    shares = [[batch[1] for batch in loader] for loader in loaders]  # the labels each rank evaluates
+    assert len({len(s) for s in shares}) == 1 == len({len(loader) for loader in loaders})  # same number of batches
+    assert sorted(len(b) for b in (shares[0][0], shares[1][0], shares[2][0])) == [333, 333, 334]
+    evaluated = torch.cat([b for rank_shares in zip(*shares) for b in rank_shares])
+    assert torch.equal(evaluated, dm.eval_sets["test"].labels)  # every test image once, in order
+    assert len(GlobalBatchSampler(2500, 1000, world_size=3, even=False)) == 3
+
+
 def test_member_assignment_covers_every_member_once():
     shares = [members_of_rank(5, rank, 2) for rank in range(2)]
     assert shares == [[0, 2, 4], [1, 3]]
@@ -510,3 +536,62 @@ def test_member_runs_clear_their_earlier_done_markers_before_any_training(tmp_pa
     recipe = recipe_for("cnn_ensemble3").replace(members=2, epochs=1)
     train_member_parallel("cnn_ensemble3", recipe, out=tmp_path, progress=False, limit_train=64, accelerator="cpu")
     assert seen == [[], ["member0"]], seen  # member 1's old marker was gone while member 0 trained
+
+
+def _launch_with_stubs(tmp_path: Path, script: str, env: dict, stubs: tuple[str, ...]) -> list[list[str]]:
+    """Run a launcher from a copy of the repository layout whose `.venv/bin` programs (and `srun`) only record
+    their arguments; returns the recorded command lines."""
+    (tmp_path / "scripts").mkdir()
+    copy = tmp_path / "scripts" / script
+    copy.write_text((ROOT / "scripts" / script).read_text())
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    log = tmp_path / "calls.txt"
+    for name in stubs:
+        stub = (tmp_path / name) if name == "srun" else (bin_dir / name)
+        stub.write_text(f'#!/bin/bash\nprintf "%s\\x1f" {name} "$@" >> "{log}"\necho >> "{log}"\n')
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path), **env)
+    subprocess.run(["bash", str(copy)], check=True, cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    return [line.rstrip("\x1f").split("\x1f") for line in log.read_text().splitlines() if line]
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize("mode", ["loop", "members"])
+def test_slurm_launcher_matches_lightnings_slurm_layout(tmp_path, mode):
+    """One task per GPU: ntasks-per-node is --devices, nodes is --num-nodes (Lightning checks both against SLURM's
+    variables), the global batch splits over them, and a requeued job resumes."""
+    header = (ROOT / "scripts" / "slurm_ensemble.sbatch").read_text()
+    sbatch = dict((line[len("#SBATCH --"):] + "=").split("=")[:2]  # "--requeue" has no value
+                  for line in header.splitlines() if line.startswith("#SBATCH --"))
+    env = {"MODE": mode, "SLURM_JOB_NUM_NODES": sbatch["nodes"], "SLURM_NTASKS_PER_NODE": sbatch["ntasks-per-node"]}
+    calls = _launch_with_stubs(tmp_path, "slurm_ensemble.sbatch", env, ("parity", "srun"))
+    assert calls[0][:2] == ["parity", "fetch"]  # before the ranks start
+    train = calls[1]
+    assert train[:4] == ["srun", ".venv/bin/parity", "train", "bn_cnn"]
+    assert _option(train, "--devices") == sbatch["ntasks-per-node"] == sbatch["gpus-per-node"]
+    assert _option(train, "--num-nodes") == sbatch["nodes"]
+    assert _option(train, "--ensemble-mode") == mode and "--resume" in train
+    assert "SIGUSR1@" in sbatch["signal"] and "requeue" in sbatch
+    processes = int(sbatch["nodes"]) * int(sbatch["ntasks-per-node"])
+    assert int(_option(train, "--batch-size")) % processes == 0
+
+
+def test_torchrun_launcher_keeps_the_recipes_global_batch(tmp_path):
+    """Default: one node, 4 processes, tutorial 001's batch 100 as the global batch (25 per process)."""
+    run = _launch_with_stubs(tmp_path, "torchrun_ensemble.sh", {}, ("parity", "torchrun"))[-1]
+    assert run[0] == "torchrun" and run[run.index("-m") + 1:run.index("-m") + 4] == ["parity.cli", "train", "bn_cnn"]
+    assert _option(run, "--nproc_per_node") == _option(run, "--devices") == "4"
+    assert _option(run, "--nnodes") == _option(run, "--num-nodes") == "1"
+    assert _option(run, "--batch-size") == "100" and 100 % 4 == 0
+
+
+def test_torchrun_launcher_passes_the_node_layout_through(tmp_path):
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0", "BATCH": "104", "MODE": "vectorized"}
+    run = _launch_with_stubs(tmp_path, "torchrun_ensemble.sh", env, ("parity", "torchrun"))[-1]
+    assert _option(run, "--nnodes") == _option(run, "--num-nodes") == "2"
+    assert _option(run, "--node_rank") == "1" and _option(run, "--master_addr") == "node0"
+    assert _option(run, "--batch-size") == "104" and _option(run, "--ensemble-mode") == "vectorized"

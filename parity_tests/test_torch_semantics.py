@@ -360,6 +360,21 @@ def test_batchnorm1d_matches_direct():
     assert_close(bn.running_var.numpy(), 0.9 + 0.1 * x.var(0), 1e-12, "BatchNorm1d running_var")
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_batchnorm_under_autocast_computes_its_statistics_in_float32(half):
+    """A convolution under autocast hands BatchNorm 16-bit activations: the batch statistics (and so the moving ones)
+    are those of the same values in float32, as in Keras's mixed-precision BatchNormalization; the output keeps the
+    16-bit dtype."""
+    x = (torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(0)) * 4 + 3).to(half)
+    bn, ref = BatchNorm2d(3), BatchNorm2d(3)
+    out, expected = bn(x), ref(x.float())
+    assert out.dtype == half, f"output dtype {out.dtype}, expected {half}"
+    assert torch.equal(bn.running_mean, ref.running_mean) and torch.equal(bn.running_var, ref.running_var), (
+        f"moving statistics differ from float32's by {(bn.running_var - ref.running_var).abs().max():.3g}")
+    assert torch.equal(out, expected.to(half))
+    assert bn.running_mean.dtype == torch.float32
+
+
 def test_batchnorm_gradients_flow():
     bn = _torch_bn2d(torch.float64)
     x = torch.from_numpy(_bn_batches()[0]).requires_grad_()

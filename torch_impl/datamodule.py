@@ -81,11 +81,16 @@ class GlobalBatchSampler(Sampler):
     The order is a permutation drawn from `seed + epoch` (`set_epoch`, called by Lightning), the same in every
     process. A last partial batch is split as evenly as possible (a rank whose share would be empty repeats the
     batch's last image; this happens only when fewer images than processes remain).
+
+    `even=True` (training) requires the batch to be a multiple of the process count: DDP averages the ranks' mean
+    gradients with equal weights, which equals one process's mean over the global batch only for equal shares.
+    Evaluation (`even=False`) only sums counts across ranks, so its batches may split unevenly (e.g. 1000 images
+    over 3, 6 or 16 processes).
     """
 
     def __init__(self, size: int, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
-        if batch_size % world_size:
+                 rank: int = 0, world_size: int = 1, even: bool = True):
+        if even and batch_size % world_size:
             raise ValueError(
                 f"the batch {batch_size} is the global batch and must split evenly across {world_size} processes "
                 f"(devices x nodes); choose a batch size that is a multiple of {world_size}"
@@ -195,11 +200,11 @@ class MNISTDataModule(L.LightningDataModule):
             wanted = device.type == "cuda" and not self.hparams.num_workers
         return device if wanted else torch.device("cpu")
 
-    def _loader(self, dataset, batch_size, shuffle=False, drop_last=False) -> DataLoader:
+    def _loader(self, dataset, batch_size, shuffle=False, drop_last=False, training=False) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=self.hparams.seed,
-                                     drop_last=drop_last, rank=rank, world_size=world)
+                                     drop_last=drop_last, rank=rank, world_size=world, even=training)
         # A generator of its own: a DataLoader otherwise draws its workers' base seed from torch's global generator
         # each time it is iterated, shifting the dropout and augmentation draws by whatever loaders ran before
         # (an evaluation, a resumed run's restart) and making a resumed run draw differently from an unbroken one.
@@ -207,7 +212,8 @@ class MNISTDataModule(L.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, self.hparams.shuffle, self.hparams.drop_last)
+        return self._loader(self.train_set, self.hparams.batch_size, self.hparams.shuffle, self.hparams.drop_last,
+                            training=True)
 
     def val_dataloader(self) -> list[DataLoader]:
         # validation (when the recipe has a split) and test, both after every epoch, as the tutorials do

@@ -31,7 +31,7 @@ class _SyncMixin:
             return super()._moments(x, dims, shape)
         from torch.distributed.nn.functional import all_reduce
 
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        count = x.new_full((1,), x.numel() / x.shape[1])  # a fill on the device, no host-to-device copy
         total = all_reduce(torch.cat([x.sum(dims), count]))
         mean = total[:-1] / total[-1]
         # Keras's two-pass biased variance, the mean detached (as tf.nn.moments)

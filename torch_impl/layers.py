@@ -191,6 +191,12 @@ class _KerasBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         shape = [1, self.num_features] + [1] * (x.dim() - 2)
+        # Under autocast a convolution hands over bfloat16 / float16: the statistics are computed in float32 and the
+        # output cast back, as Keras's BatchNormalization does under a mixed-precision policy (in 16 bits the batch
+        # variance keeps 3 significant digits, and SyncBatchNorm's counts would round: 39,200 -> 39,168).
+        in_dtype = x.dtype
+        if in_dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         if self.training:
             mean, var = self._moments(x, [0, *range(2, x.dim())], shape)
             with torch.no_grad():
@@ -203,7 +209,7 @@ class _KerasBatchNorm(nn.modules.batchnorm._BatchNorm):
             mean, var = self.running_mean, self.running_var
         # Same operation order as tf.nn.batch_normalization: x * inv + (beta - mean * inv).
         inv = torch.rsqrt(var + self.eps) * self.weight
-        return x * inv.view(shape) + (self.bias - mean * inv).view(shape)
+        return (x * inv.view(shape) + (self.bias - mean * inv).view(shape)).to(in_dtype)
 
 
 class BatchNorm2d(_KerasBatchNorm):
