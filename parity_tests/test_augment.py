@@ -93,3 +93,48 @@ def test_damaged_augmentation_cache_is_regenerated(tmp_path, monkeypatch, capsys
     x4, _ = aug.cached_augment_tut001(images, labels, seed=0, cache_dir=tmp_path)
     assert generated == [1, 1] and np.array_equal(x4, x)
     assert "cannot be read" in capsys.readouterr().out
+
+
+def test_online_augmentation_in_the_datamodule_draws_four_copies_per_image_without_storing_them():
+    """`augment="tut001_online"`: an epoch presents every image 5 times (original first, as the pre-generated
+    arrays), the datamodule holds only the N originals, and in training the 4 copies of each image are moved while
+    the original passes unchanged; evaluation batches are never augmented."""
+    from types import SimpleNamespace
+
+    from torch_impl.datamodule import MNISTDataModule
+
+    torch.manual_seed(0)
+    dm = MNISTDataModule(augment="tut001_online", limit_train=40, batch_size=50, shuffle=False)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True, lightning_module=None,
+                                 strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    dm.setup("fit")
+    assert len(dm.train_set) == 200 and dm.train_set.images.shape == (40, 28, 28)  # 5 x 40 presented, 40 stored
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    augment = torch.cat([b[2] for b in batches])
+    originals = dm.train_set.images
+    assert torch.equal(images, originals.repeat_interleave(5, 0)) and torch.equal(augment, torch.arange(200) % 5 != 0)
+    assert torch.equal(labels, dm.train_set.labels.repeat_interleave(5))
+    moved = torch.cat([dm.on_after_batch_transfer(b, 0)[0] for b in batches])[:, 0]
+    plain = originals.repeat_interleave(5, 0).float() / 255
+    assert torch.equal(moved[::5], plain[::5]), "the originals must pass unchanged"
+    changed = (moved - plain).abs().flatten(1).amax(1) > 1e-3
+    # a copy can draw rotation 0 and shift (0, 0) (1 in 496): allow a few unchanged among the 160
+    assert changed[augment].sum() >= 155 and changed[augment].float().mean() > 0.96
+    dm.trainer.training = False
+    assert torch.equal(dm.on_after_batch_transfer(batches[0], 0)[0][:, 0], plain[:50])
+
+
+def test_parity_train_with_online_augmentation(tmp_path):
+    """tut001_best with `--augment tut001_online` trains end to end on a few images (two members)."""
+    import json
+
+    from parity.cli import main
+
+    rc = main(["train", "bn_cnn", "--framework", "torch", "--augment", "tut001_online", "--members", "2",
+               "--epochs", "1", "--limit-train", "40", "--seed", "0", "--out", str(tmp_path), "--no-progress"])
+    assert rc in (0, None)
+    history = json.loads((tmp_path / "bn_cnn" / "torch" / "seed0" / "history.json").read_text())
+    assert len(history["epochs"]) == 1 and "test_acc" in history

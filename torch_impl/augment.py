@@ -20,8 +20,10 @@ def random_rotate_shift(x: torch.Tensor, max_degrees: int = 15, shift_low: int =
     if x.ndim != 4:
         raise ValueError(f"expected (B, C, H, W), got {tuple(x.shape)}")
     b = x.shape[0]
-    degrees = torch.randint(-max_degrees, max_degrees + 1, (b,), generator=generator)
-    shifts = torch.randint(shift_low, shift_high, (b, 2), generator=generator)  # (rows, cols)
+    # drawn where the images are (a GPU: no host-to-device copy per batch), or where the generator is
+    device = generator.device if generator is not None else x.device
+    degrees = torch.randint(-max_degrees, max_degrees + 1, (b,), generator=generator, device=device)
+    shifts = torch.randint(shift_low, shift_high, (b, 2), generator=generator, device=device)  # (rows, cols)
     return rotate_shift(x, degrees, shifts)
 
 

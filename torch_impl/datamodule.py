@@ -228,7 +228,8 @@ class MNISTDataModule(L.LightningDataModule):
         dtype = module.dtype if module is not None and module.dtype.is_floating_point else torch.float32
         x = images.unsqueeze(1).to(dtype) / self.hparams.scale  # (B, 1, 28, 28), on the device (64-true: float64)
         if self.hparams.augment == "tut001_online" and self.trainer is not None and self.trainer.training:
-            if augment.any():
-                x[augment] = random_rotate_shift(x[augment], shift_low=self.hparams.shift_low,
-                                                 shift_high=self.hparams.shift_high)
+            # every image is drawn and the originals kept by a select: masked indexing (x[augment]) would make
+            # the host wait for the device to count the mask in every step
+            moved = random_rotate_shift(x, shift_low=self.hparams.shift_low, shift_high=self.hparams.shift_high)
+            x = torch.where(augment.view(-1, 1, 1, 1), moved, x)
         return x, labels
