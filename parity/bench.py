@@ -593,7 +593,9 @@ class Worker:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _hardware() -> dict:
+def _hardware(device: str = "cpu") -> dict:
+    """The machine a bench ran on: CPU model and cores, and on a CUDA device the GPU, its memory and the CUDA and
+    cuDNN versions torch runs with."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -602,7 +604,15 @@ def _hardware() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.system()}
+    hardware = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.system()}
+    if device.startswith("cuda"):
+        import torch
+
+        index = torch.device(device).index or 0
+        hardware.update(gpu=torch.cuda.get_device_name(index),
+                        gpu_memory_gib=round(torch.cuda.get_device_properties(index).total_memory / 2**30, 1),
+                        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return hardware
 
 
 def _data_source(choice: str) -> str:
@@ -880,8 +890,9 @@ def cmd_bench(args) -> int:
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     result = {"command": _command(args), "device": args.device, "threads": args.threads,
               "data": source, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-              "hardware": _hardware(), "versions": {"python": platform.python_version()}, "rows": []}
-    print(f"parity bench on {args.device} ({result['hardware']['cpu']}, {result['hardware']['cores']} cores), "
+              "hardware": _hardware(args.device), "versions": {"python": platform.python_version()}, "rows": []}
+    gpu = f"{result['hardware']['gpu']}, CUDA {result['hardware']['cuda']}; " if "gpu" in result["hardware"] else ""
+    print(f"parity bench on {args.device} ({gpu}{result['hardware']['cpu']}, {result['hardware']['cores']} cores), "
           f"data: {source}; {args.steps} steps x {args.repeats} repeats after {args.warmup} warm-up steps "
           f"(an ensemble of M members: 1/M as many)", flush=True)
     if not args.memory_only:

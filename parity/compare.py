@@ -14,6 +14,11 @@ table, write a report directory (Markdown + PNG plots) and, with --json, the num
 
 Only the levels that were run appear. The exit status is non-zero when a level fails.
 
+Units: accuracies (`mean`, `std`, `runs`), `diff` (Lightning minus TF), `ci95` and `margin` are fractions: 0.9866 is
+98.66%, and `--margin 0.5` (points) is written 0.005. Forward differences are absolute (the level's tolerance is
+relative to each activation's magnitude above 1, as `tolerance` says); `first_divergence` is [layer, diff, limit]
+or null per direction; loss differences are relative; `seconds_per_epoch` is the median over all epochs of all runs.
+
 The forward level's third column runs the torch model (the tf_to_torch one) exported to ONNX in ONNX Runtime:
 `max_abs_diff.onnxruntime` is the larger of its differences from torch (logits) and from TF (the model's output as
 the tutorial defines it: probabilities for the softmax models); it counts towards the level's pass when onnx and
@@ -384,9 +389,13 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
     verdict = lambda ok: "PASS" if ok else "FAIL"
     if "structure" in levels:
         s = levels["structure"]
+        if s["pass"]:
+            shapes = f"{s['layers']} layers' shapes equal the catalog"
+        else:  # what a failure is about, first: the rest is in the JSON and the report
+            more = f" (+{len(s['problems']) - 1} more)" if len(s["problems"]) > 1 else ""
+            shapes = f"{s['problems'][0]}{more}"
         rows.append(("1 structure", verdict(s["pass"]),
-                     (f"params tf {s['params']['tf']:,} / torch {s['params']['torch']:,}; {s['layers']} layers' "
-                      f"shapes equal the catalog")))
+                     f"params tf {s['params']['tf']:,} / torch {s['params']['torch']:,}; {shapes}"))
     if "forward" in levels:
         f = levels["forward"]["max_abs_diff"]
         onnx = levels["forward"].get("onnxruntime", {"status": "not run"})
@@ -395,9 +404,11 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
                       f"vs tf {onnx['vs_tf']:.2e}){'' if onnx['pass'] else ' FAIL'}")
         else:
             column = f"onnxruntime {onnx['status']}"
+        diverging = "".join(f"; first diverging layer ({direction}) {d[0]!r}: {d[1]:.2e} > {d[2]:.2e}"
+                            for direction, d in levels["forward"].get("first_divergence", {}).items() if d)
         rows.append(("2 forward", verdict(levels["forward"]["pass"]),
                      (f"max abs diff tf->torch {f['tf_to_torch']:.2e}, torch->tf {f['torch_to_tf']:.2e}"
-                      f"{_float64_column(levels['forward'])}, {column}")))
+                      f"{_float64_column(levels['forward'])}, {column}{diverging}")))
     if "train_step" in levels:
         t = levels["train_step"]
         rows.append(("3 train step", verdict(t["pass"]),

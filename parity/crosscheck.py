@@ -225,11 +225,9 @@ def forward_diffs(name: str, direction: str, x: np.ndarray, tf_seed: int = 1, to
 
 def _forward_diffs(name, direction, x, tf_seed, torch_seed, dtype):
     from tf_ref.models import build_model as build_tf
-    from tf_ref.models import intermediate_outputs as tf_intermediates
     from tf_ref.weights import get_weights as tf_get
     from tf_ref.weights import set_weights as tf_set
     from torch_impl.models import build_model as build_torch
-    from torch_impl.models import intermediate_outputs as torch_intermediates
     from torch_impl.weights import get_weights as torch_get
     from torch_impl.weights import set_weights as torch_set
 
@@ -241,8 +239,25 @@ def _forward_diffs(name, direction, x, tf_seed, torch_seed, dtype):
         torch_set(torch_model, tf_to_torch(name, tf_get(tf_model)))
     else:
         tf_set(tf_model, torch_to_tf(name, torch_get(torch_model)))
-    tf_outputs = tf_intermediates(tf_model, x, training=False)
-    torch_outputs = torch_intermediates(torch_model, name, torch.from_numpy(x).permute(0, 3, 1, 2))
+    return compare_models(name, tf_model, torch_model, x)
+
+
+def compare_models(name: str, keras_model, torch_model, x: np.ndarray) -> dict:
+    """Run the given Keras and torch models of catalog architecture `name` (e.g. a user's trained model and its
+    transferred twin) on `x` (NHWC, in the models' dtype) in inference mode and compare every layer.
+
+    Returns {"layers": {layer: (max_abs_diff, max_abs_activation)}, "tf_out": array, "torch_out": array}, the
+    torch activations compared in TF's layout (NHWC, and a flatten in (H, W, C) order); `first_divergence(result
+    ["layers"])` names the first layer that differs. The models' layers must carry the catalog's names (those
+    `tf_ref.models.build_model` gives, which weight transfer needs too).
+    """
+    from tf_ref.models import intermediate_outputs as tf_intermediates
+    from torch_impl.models import intermediate_outputs as torch_intermediates
+
+    torch_model.eval()
+    tf_outputs = tf_intermediates(keras_model, x, training=False)
+    with torch.no_grad():
+        torch_outputs = torch_intermediates(torch_model, name, torch.from_numpy(x).permute(0, 3, 1, 2))
     if list(tf_outputs) != list(torch_outputs):
         raise AssertionError(f"{name}: layer lists differ: {list(tf_outputs)} vs {list(torch_outputs)}")
     layers = {}

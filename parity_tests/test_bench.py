@@ -107,3 +107,18 @@ def test_layer_bench_runs_end_to_end_on_a_tiny_budget(tf, tmp_path):
     for row in rows:
         assert row["tf_ms"] > 0 and row["torch_ms"] > 0, row
     assert "whole step" in result.stdout
+
+
+def test_hardware_names_the_gpu_on_a_cuda_device(monkeypatch):
+    """A GPU bench records which GPU and CUDA / cuDNN versions it ran with (faked here: the CPU machine has none)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    assert "gpu" not in bench._hardware("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"NVIDIA H100 80GB HBM3 #{index}")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=85 * 2**30))
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    hardware = bench._hardware("cuda:1")
+    assert hardware["gpu"] == "NVIDIA H100 80GB HBM3 #1" and hardware["gpu_memory_gib"] == 85.0
+    assert hardware["cudnn"] == 91002 and "cuda" in hardware and hardware["cores"] == bench._hardware()["cores"]

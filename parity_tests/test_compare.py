@@ -203,10 +203,11 @@ def test_accuracy_row_shows_a_spread_only_for_several_seeds():
     assert row([0.985, 0.987], [0.983, 0.985]).startswith("tf 98.60±0.14%, torch 98.40±0.14% (2 seed(s)")
 
 
-def test_structure_level_names_a_shape_mismatch(monkeypatch):
-    """A torch layer whose output shape differs from its TF twin fails level 1 and is named."""
+def test_structure_level_names_a_shape_mismatch(tf, monkeypatch):
+    """A torch layer whose output shape differs from its TF twin fails level 1 and is named, in the JSON and in the
+    printed table."""
     import torch_impl.summary
-    from parity.compare import level_structure
+    from parity.compare import level_structure, table_rows
 
     real = torch_impl.summary.summarize
 
@@ -219,6 +220,20 @@ def test_structure_level_names_a_shape_mismatch(monkeypatch):
     result = level_structure("lenet_c")
     assert result["pass"] is False
     assert "pool1: shape tf [7, 7, 8] vs torch [13, 13, 8]" in result["problems"]
+    level, verdict, numbers = table_rows({"levels": {"structure": result}})[0]
+    assert verdict == "FAIL" and "'pool1', (13, 13, 8)" in numbers and "(+1 more)" in numbers, numbers
+
+
+def test_forward_row_names_the_first_diverging_layer():
+    from parity.compare import table_rows
+
+    forward = {"pass": False, "max_abs_diff": {"tf_to_torch": 3e-3, "torch_to_tf": 1e-7},
+               "first_divergence": {"tf_to_torch": ["conv2", 3e-3, 1e-5], "torch_to_tf": None}}
+    level, verdict, numbers = table_rows({"levels": {"forward": forward}})[0]
+    assert verdict == "FAIL" and "first diverging layer (tf_to_torch) 'conv2': 3.00e-03 > 1.00e-05" in numbers
+    assert "torch_to_tf)" not in numbers
+    forward.update({"pass": True, "first_divergence": {"tf_to_torch": None, "torch_to_tf": None}})
+    assert "diverging" not in table_rows({"levels": {"forward": forward}})[0][2]
 
 
 def test_train_step_level_steps_the_recipes_schedule(monkeypatch):

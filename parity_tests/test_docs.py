@@ -52,3 +52,19 @@ def test_test_files_named_in_the_readme_exist():
     named = set(re.findall(r"parity_tests/(test_\w+)\.py", (ROOT / "README.md").read_text()))
     assert named, "the README names no test file"
     assert not [name for name in sorted(named) if not (TESTS / f"{name}.py").exists()]
+
+
+def test_readme_python_api_runs_as_written(tf, tmp_path):
+    """The README's "Python API" block, run verbatim in a fresh process: it transfers both ways, writes the .npz and
+    finds no diverging layer between the two models it built."""
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code += "assert first_divergence(result['layers']) is None and len(result['layers']) == 10, result\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "cnn.npz").exists()

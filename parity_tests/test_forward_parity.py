@@ -86,3 +86,24 @@ def test_wrong_model_weights_are_refused(tf):
 
     with pytest.raises(WeightTransferError, match=r"unexpected \['conv6.weight'"):
         torch_set(build_torch("lenet_a"), tf_to_torch("lenet_d", tf_get(build_tf("lenet_d", seed=0))))
+
+
+def test_compare_models_compares_the_models_it_is_given(tf, rng):
+    """`compare_models` runs the caller's own pair: after a transfer they agree; a change to one weight of the torch
+    model is found at that layer and not before it."""
+    import torch
+
+    from parity.crosscheck import compare_models, first_divergence
+    from tf_ref.models import build_model as build_tf
+    from tf_ref.weights import get_weights as tf_weights
+    from torch_impl.models import build_model as build_torch
+    from torch_impl.weights import set_weights as set_torch_weights
+
+    keras_model, torch_model = build_tf("cnn", seed=5), build_torch("cnn", seed=6)
+    set_torch_weights(torch_model, tf_to_torch("cnn", tf_weights(keras_model)))
+    x = rng.random((4, 28, 28, 1), dtype=np.float32)
+    assert first_divergence(compare_models("cnn", keras_model, torch_model, x)["layers"]) is None
+    with torch.no_grad():
+        torch_model.conv2.weight[0, 0, 1, 1] += 0.5
+    layer, diff, _ = first_divergence(compare_models("cnn", keras_model, torch_model, x)["layers"])
+    assert layer == "conv2" and diff > 1e-3, (layer, diff)

@@ -143,3 +143,32 @@ def test_datacamp_dropout_rates_are_the_pointed_to_tutorials():
 
     rates = [m.p for m in build_model("datacamp_dropout").modules() if isinstance(m, torch.nn.Dropout)]
     assert rates == [0.25, 0.25, 0.4, 0.3]
+
+
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_parity_summary_prints_and_writes_json_in_one_format(request, framework, capsys):
+    """`parity summary MODEL --framework F [--json]`: the same JSON keys and (H, W, C) shapes from both frameworks,
+    and a table with the catalog's total."""
+    import json
+
+    from parity.cli import main
+
+    if framework == "tf":
+        request.getfixturevalue("tf")
+    assert main(["summary", "lenet_c", "--framework", framework, "--json"]) in (0, None)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model"] == "lenet_c" and summary["framework"] == framework
+    assert summary["total_params"] == get_spec("lenet_c").total_params
+    assert [tuple(layer["output_shape"]) for layer in summary["layers"]][:2] == [(14, 14, 8), (7, 7, 8)]
+    assert not check_against_catalog(summary)
+    assert main(["summary", "lenet_c", "--framework", framework]) in (0, None)
+    table = capsys.readouterr().out
+    assert "(H, W, C)" in table and f"{get_spec('lenet_c').total_params:,}" in table
+
+
+def test_parity_summary_refuses_an_unknown_model(capsys):
+    from parity.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", "lenet_z", "--framework", "torch"])
+    assert exit_info.value.code != 0 and "lenet_z" in capsys.readouterr().err

@@ -208,7 +208,9 @@ class ClassifierModule(L.LightningModule):
     def _log_train_loss(self, loss: torch.Tensor) -> None:
         self.train_loss.update(loss)
         if self._loggers_write_this_step():
-            self.log("train_loss", loss)  # the per-step curve; the progress bar shows the epoch's running mean
+            # the per-step curve (the progress bar shows the epoch's running mean); under DDP the mean over the
+            # ranks, i.e. the loss of the global batch: one all-reduce per written step, on the same step in all ranks
+            self.log("train_loss", loss, sync_dist=True)
 
     def _loggers_write_this_step(self) -> bool:
         """Whether Lightning writes this batch's logged values to the loggers (every `log_every_n_steps` batches).
