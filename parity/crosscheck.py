@@ -268,8 +268,31 @@ def compare_models(name: str, keras_model, torch_model, x: np.ndarray) -> dict:
             raise AssertionError(f"{name}/{layer}: shape tf {tf_value.shape} vs torch {torch_value.shape}")
         layers[layer] = (float(np.abs(tf_value - torch_value).max()), float(np.abs(tf_value).max()))
     last = list(tf_outputs)[-1]
+    if getattr(torch_model, "output", "logits") == "softmax":
+        # Keras's last Dense carries the softmax, which squashes differences in its input (a logit off by 1e-3 can
+        # move a probability by far less): the pre-softmax logits are compared too, just before the output
+        tf_logits, torch_logits = _pre_softmax_logits(keras_model, torch_model, x)
+        logits = (float(np.abs(tf_logits - torch_logits).max()), float(np.abs(tf_logits).max()))
+        layers = {**{k: v for k, v in layers.items() if k != last}, f"{last}_logits": logits, last: layers[last]}
     return {"layers": layers, "tf_out": np.asarray(tf_outputs[last]),
             "torch_out": torch_activation_to_tf(name, last, torch_outputs[last].detach().numpy())}
+
+
+def _pre_softmax_logits(keras_model, torch_model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The last Dense layer's pre-activation in Keras (its input times its kernel plus its bias, as the layer computes
+    before the softmax) and the torch model's `logits`."""
+    import keras
+
+    from torch_impl.models import model_logits
+
+    dense = keras_model.layers[-1]
+    if dense.get_config().get("activation") != "softmax":
+        raise ValueError(f"{keras_model.name}: the last layer {dense.name!r} has no softmax to look behind")
+    features = keras.Model(keras_model.inputs[0], dense.input)(x, training=False)
+    tf_logits = np.asarray(keras.ops.add(keras.ops.matmul(features, dense.kernel), dense.bias))
+    with torch.no_grad():
+        torch_logits = model_logits(torch_model, torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    return tf_logits, torch_logits
 
 
 def first_divergence(layers: dict, atol: float = 1e-5) -> tuple[str, float, float] | None:

@@ -107,3 +107,31 @@ def test_compare_models_compares_the_models_it_is_given(tf, rng):
         torch_model.conv2.weight[0, 0, 1, 1] += 0.5
     layer, diff, _ = first_divergence(compare_models("cnn", keras_model, torch_model, x)["layers"])
     assert layer == "conv2" and diff > 1e-3, (layer, diff)
+
+
+def test_softmax_models_compare_their_logits_too(tf, rng):
+    """For the softmax models (tutorial 003), the logits behind Keras's fused softmax are compared, just before the
+    output: adding the same constant to every logit leaves the probabilities unchanged, and is still found."""
+    import torch
+
+    from parity.catalog import get_spec
+    from parity.crosscheck import compare_models, first_divergence
+    from tf_ref.models import build_model as build_tf
+    from tf_ref.weights import get_weights as tf_weights
+    from torch_impl.models import build_model as build_torch
+    from torch_impl.weights import set_weights as set_torch_weights
+
+    name = "lenet_a"
+    last = get_spec(name).layers[-1].name
+    keras_model, torch_model = build_tf(name, seed=5), build_torch(name, seed=6)
+    set_torch_weights(torch_model, tf_to_torch(name, tf_weights(keras_model)))
+    x = rng.random((4, 28, 28, 1), dtype=np.float32) * 255
+    result = compare_models(name, keras_model, torch_model, x)
+    assert list(result["layers"])[-2:] == [f"{last}_logits", last]
+    assert first_divergence(result["layers"]) is None
+    final = dict(torch_model.named_modules())[last]
+    with torch.no_grad():
+        final.bias += 1.0
+    result = compare_models(name, keras_model, torch_model, x)
+    assert result["layers"][last][0] < 1e-6  # the probabilities cannot show it
+    assert first_divergence(result["layers"])[0] == f"{last}_logits"
