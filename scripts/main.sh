@@ -7,4 +7,5 @@ bash scripts/setup.sh
 .venv/bin/parity fetch --dataset all
 .venv/bin/parity summary cnn --framework tf
 .venv/bin/parity summary cnn --framework torch
-.venv/bin/parity compare cnn --out "${PARITY_REPORT_DIR:-reports/cnn}" "$@"
+# two epochs and a floor: the short form of level 4 that CI runs (one epoch is a draw too wide for a 98.5% floor)
+.venv/bin/parity compare cnn --epochs 2 --min-acc 98.5 --out "${PARITY_REPORT_DIR:-reports/cnn}" "$@"
