@@ -172,3 +172,37 @@ def test_parity_summary_refuses_an_unknown_model(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["summary", "lenet_z", "--framework", "torch"])
     assert exit_info.value.code != 0 and "lenet_z" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if get_spec(n).members == 1 and get_spec(n).recipe])
+def test_softmax_models_train_on_their_logits(name):
+    """Tutorials 002/003 end in `Dense(10, activation="softmax")`: the port's forward returns those probabilities,
+    `logits` what comes before the softmax, and the loss is taken from the logits (log-softmax + NLL), as Keras
+    does internally, so it stays finite where the probabilities round to 0. Logit models are left as they are."""
+    import torch
+    import torch.nn.functional as F
+
+    from torch_impl.lightning_module import ClassifierModule
+    from torch_impl.models import model_logits
+
+    module = ClassifierModule(name).eval()
+    model = module.model.members[0]
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    assert getattr(model, "output", "logits") == get_spec(name).output  # the tutorial's output, as the catalog says
+    with torch.no_grad():
+        if getattr(model, "output", "logits") != "softmax":
+            assert torch.equal(model_logits(model, x), model(x))
+            return
+        logits = model.logits(x)
+        assert torch.allclose(model(x), logits.softmax(-1), atol=1e-7)
+        assert torch.allclose(model(x).sum(-1), torch.ones(4))
+        # logits far apart: the probabilities of every class but one are exactly 0 in float32
+        for parameter in model.parameters():
+            parameter.mul_(30.0)
+        logits = model.logits(x)
+        wrong = (logits.argmax(-1) + 1) % 10  # a label the model gives probability 0
+        naive = F.nll_loss(model(x).log(), wrong)
+        loss, _ = module._member_loss(model, x, wrong)
+    assert not torch.isfinite(naive), "the example does not reach float32 underflow: make the logits larger"
+    assert torch.isfinite(loss) and loss > 0
+    assert torch.allclose(loss, F.cross_entropy(logits.double(), wrong).float(), rtol=1e-5)

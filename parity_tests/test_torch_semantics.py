@@ -410,6 +410,41 @@ def test_batchnorm2d_matches_keras(keras, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# Dropout: Keras `Dropout(rate)` and TF's `tf.nn.dropout(x, rate=...)` are torch's `nn.Dropout(p=rate)`: both drop
+# a fraction `rate` and scale what they keep by 1 / (1 - rate) ("inverted" dropout), and only in training mode.
+# The trap is TF1's `keep_prob` argument, which is 1 - rate.
+
+DROP_RATE = 0.4
+
+
+def _dropout_statistics(kept: np.ndarray, rate: float) -> None:
+    n = kept.size
+    dropped = float((kept == 0).mean())
+    # the dropped fraction of n Bernoulli(rate) draws: within 5 standard deviations of rate
+    assert abs(dropped - rate) <= 5 * math.sqrt(rate * (1 - rate) / n), f"dropped {dropped:.4f}, expected {rate}"
+    np.testing.assert_allclose(kept[kept != 0], 1.0 / (1.0 - rate), rtol=1e-6)
+
+
+def test_torch_dropout_is_inverted_and_off_in_eval():
+    torch.manual_seed(0)
+    layer = nn.Dropout(DROP_RATE)
+    x = torch.ones(200_000)
+    _dropout_statistics(layer.train()(x).numpy(), DROP_RATE)
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_keras_and_tf_dropout_take_the_same_rate(tf, keras):
+    """Keras's layer and the low-level op of tutorial 004 (`tf.nn.dropout(x, rate=...)`) with the same argument as
+    torch's `nn.Dropout(p)`, scaled the same way; Keras's layer passes inputs through unless `training=True`."""
+    x = np.ones(200_000, dtype=np.float32)
+    layer = keras.layers.Dropout(DROP_RATE, seed=0)
+    _dropout_statistics(np.asarray(layer(x, training=True)), DROP_RATE)
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+    tf.random.set_seed(0)
+    _dropout_statistics(tf.nn.dropout(x, rate=DROP_RATE).numpy(), DROP_RATE)
+
+
+# ----------------------------------------------------------------------------------------------
 # Flatten order
 
 

@@ -341,3 +341,42 @@ def test_parity_train_prints_every_combine_rule_for_an_ensemble(tmp_path, capsys
               "members_probs_test_acc", "members_vote_test_acc"}
     assert wanted <= printed.keys(), printed
     assert all(0.0 <= float(value) <= 1.0 for value in printed.values())
+
+
+def test_combine_rules_against_hand_computed_scores():
+    """The three ensemble rules on logits built so that they disagree, checked against scores computed by hand.
+
+    Image 0: one confident member says class 0, two mild ones class 1: the logit sum and the probability mean
+    follow the confident member (0), the vote follows the majority (1). Image 1: the same with the confident member's
+    logit so large that its probability saturates: the sum still says 0, the probability mean and the vote say 1.
+    Image 2: three members, three different classes: the tied vote goes to the highest mean probability (2).
+    """
+    import math
+
+    member_logits = torch.tensor([
+        [[4.0, 0.0, 0.0], [10.0, 0.0, 0.0], [2.0, 0.0, 0.0]],
+        [[0.0, 0.5, 0.0], [0.0, 3.0, 0.0], [0.0, 1.0, 0.0]],
+        [[0.0, 0.5, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]],
+    ])  # (members, images, classes)
+
+    def softmax(row):
+        exps = [math.exp(v) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    rows = member_logits.tolist()
+    expected_sum = [[sum(rows[m][i][c] for m in range(3)) for c in range(3)] for i in range(3)]
+    expected_probs = [[sum(softmax(rows[m][i])[c] for m in range(3)) / 3 for c in range(3)] for i in range(3)]
+    assert expected_sum[1] == [10.0, 6.0, 0.0] and expected_probs[1][1] > expected_probs[1][0]  # the example holds
+
+    assert torch.allclose(combine_members(member_logits, "logits"), torch.tensor(expected_sum))
+    assert torch.allclose(combine_members(member_logits, "probs"), torch.tensor(expected_probs), atol=1e-6)
+    votes = combine_members(list(member_logits), "vote")  # a list of (B, classes) works as well as a stack
+    assert torch.equal(votes.round(), torch.tensor([[1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [1.0, 1.0, 1.0]]))
+
+    assert combine_members(member_logits, "logits").argmax(-1).tolist() == [0, 0, 2]
+    assert combine_members(member_logits, "probs").argmax(-1).tolist() == [0, 1, 2]
+    assert votes.argmax(-1).tolist() == [1, 1, 2]
+    assert member_agreement(member_logits).tolist() == [False, False, False]
+    assert member_agreement(member_logits[1:2]).tolist() == [True, True, True]
+    with pytest.raises(ValueError, match="choose one of: logits, probs, vote"):
+        combine_members(member_logits, "median")
