@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import yaml
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -153,6 +154,61 @@ def test_lightning_cli_writes_the_shared_history_and_tensorboard_tags(tmp_path):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert {TB_TAGS["train_loss"], TB_TAGS["train_acc"], TB_TAGS["lr"]} <= set(events.Tags()["scalars"])
+    # Lightning's own loggers, TensorBoard and CSV, share that directory
+    assert list(run.glob("events.out.tfevents.*")), f"no TensorBoardLogger events in {run}"
+    import csv
+
+    rows = [row for row in csv.DictReader((run / "csv" / "metrics.csv").open()) if row["test_acc"]]
+    assert [int(row["epoch"]) + 1 for row in rows] == [1, 2]
+    for row, epoch in zip(rows, history["epochs"]):
+        assert float(row["test_acc"]) == pytest.approx(epoch["test_acc"])
+
+
+
+def test_lightning_cli_print_config_prints_a_config_that_runs(tmp_path, capsys):
+    """`--print_config` prints the whole parsed configuration (the recipe's values included) as YAML that the CLI
+    takes back as its `--config`."""
+    from torch_impl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(Path(__file__).parent.parent / "configs" / "tut003.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model_name"] == "lenet_a" and printed["model"]["optimizer"] == "rmsprop"
+    assert printed["data"]["batch_size"] == 32 and printed["trainer"]["max_epochs"] == 100
+    config = tmp_path / "printed.yaml"
+    config.write_text(yaml.safe_dump(printed))
+    cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--data.limit_train=64",
+                "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.global_step == 1 and cli.model.hparams.model_name == "lenet_a"
+
+
+def test_lightning_cli_resumes_from_ckpt_path(tmp_path):
+    """`fit --ckpt_path=.../last.ckpt` continues the run: epoch, step counter, optimizer state and weights come back,
+    so one epoch plus a resumed one end on the weights of two epochs in one go (dropout and data order are drawn
+    from (seed, epoch), so the resumed epoch replays the same draws)."""
+    from torch_impl.cli import main
+
+    def fit(root, epochs, *extra):
+        return main(["fit", "--config", str(Path(__file__).parent.parent / "configs" / "tut001_cnn.yaml"),
+                     f"--trainer.max_epochs={epochs}", "--trainer.limit_test_batches=1", "--data.limit_train=200",
+                     "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *extra])
+
+    whole = fit(tmp_path / "whole", 2)
+    first = fit(tmp_path / "split", 1)
+    last = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert first.trainer.global_step == 2 and last.is_file()
+    resumed = fit(tmp_path / "split", 2, f"--ckpt_path={last}")
+    assert resumed.trainer.global_step == whole.trainer.global_step == 4
+    assert resumed.trainer.current_epoch == 2
+    # the resumed process itself ran the second epoch only: its CSV log (a new version directory) starts there
+    import csv
+
+    logged = list(csv.DictReader((Path(resumed.trainer.log_dir) / "csv" / "metrics.csv").open()))
+    assert {row["epoch"] for row in logged if row["test_acc"]} == {"1"}
+    assert Path(resumed.trainer.log_dir) != Path(first.trainer.log_dir)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), f"{name} differs after the resume"
 
 
 class _Indices(torch.utils.data.Dataset):

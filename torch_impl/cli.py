@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 
 from parity.catalog import get_spec
@@ -37,7 +39,7 @@ from torch_impl.train import (clear_member, evaluate_ensemble, finish_member, lo
 
 
 class ParityCLI(LightningCLI):
-    """LightningCLI whose Trainer shows `KerasProgressBar` (the epoch's running loss and accuracy, redrawn on a
+    """LightningCLI whose Trainer logs to TensorBoard and CSV unless the config names its loggers, shows `KerasProgressBar` (the epoch's running loss and accuracy, redrawn on a
     timer) unless the config names its own progress bar or sets `trainer.enable_progress_bar: false`, and seeds
     dropout and augmentation per process and epoch (`EpochSeed`) from `seed_everything`, which also seeds the data
     order unless `data.seed` is given, and writes `history.json` / `history.csv` and the shared TensorBoard tags
@@ -67,6 +69,13 @@ class ParityCLI(LightningCLI):
         if seed is not None and not any(isinstance(c, EpochSeed) for c in callbacks):
             callbacks = [*callbacks, EpochSeed(seed)]  # per-rank, per-epoch dropout and augmentation draws
         kwargs["callbacks"] = callbacks
+        if kwargs.get("logger", config.get("logger")) in (None, True):
+            # Lightning's default TensorBoard logger and, as `parity train` has, a CSV logger beside it:
+            # lightning_logs/version_<n>/ holds the event files, lightning_logs/version_<n>/csv/metrics.csv
+            root = config.get("default_root_dir") or os.getcwd()
+            board = TensorBoardLogger(root, version=SLURMEnvironment.job_id())
+            version = board.version if isinstance(board.version, str) else f"version_{board.version}"
+            kwargs["logger"] = [board, CSVLogger(root, name=board.name, version=f"{version}/csv")]
         trainer = super().instantiate_trainer(**kwargs)
         self._complete_ddp(trainer)
         if not any(isinstance(c, HistoryWriter) for c in trainer.callbacks):
