@@ -341,6 +341,14 @@ def test_parity_train_prints_every_combine_rule_for_an_ensemble(tmp_path, capsys
               "members_probs_test_acc", "members_vote_test_acc"}
     assert wanted <= printed.keys(), printed
     assert all(0.0 <= float(value) <= 1.0 for value in printed.values())
+    # TensorBoard gets the same numbers under members/, at step = epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "cnn_ensemble3" / "torch" / "seed0" / "tensorboard"))
+    events.Reload()
+    for key in wanted:
+        (scalar,) = events.Scalars(f"members/{key}")
+        assert scalar.step == 1 and scalar.value == pytest.approx(float(printed[key]), abs=1e-4), key
 
 
 def test_combine_rules_against_hand_computed_scores():
