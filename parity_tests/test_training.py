@@ -54,6 +54,16 @@ def test_config_is_the_recipe(config):
     assert checkpoint.get("monitor") == wanted.monitor
     if wanted.monitor:
         assert checkpoint.get("mode", "min") == wanted.mode
+    # EarlyStopping with Keras's rule and restore_best_weights exactly where the recipe has it (tutorial 003)
+    stopping = [c["init_args"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping")]
+    restoring = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("RestoreBestWeights")]
+    if recipe.early_stopping_patience is None:
+        assert not stopping and not restoring
+    else:
+        assert [c["class_path"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping")] \
+            == ["torch_impl.callbacks.KerasEarlyStopping"]
+        assert stopping[0]["patience"] == recipe.early_stopping_patience and stopping[0]["monitor"] == "val_loss"
+        assert len(restoring) == 1
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
