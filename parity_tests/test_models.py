@@ -206,3 +206,38 @@ def test_softmax_models_train_on_their_logits(name):
     assert not torch.isfinite(naive), "the example does not reach float32 underflow: make the logits larger"
     assert torch.isfinite(loss) and loss > 0
     assert torch.allclose(loss, F.cross_entropy(logits.double(), wrong).float(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if get_spec(n).members == 1])
+def test_torch_models_start_from_their_tutorials_initializers(name):
+    """Every kernel and bias starts from the tutorial's initializer (the functions themselves are tested in
+    test_torch_semantics): Keras's glorot_uniform with zero biases by default, glorot_normal in `bn_cnn`
+    (truncated at two standard deviations), TF1's xavier_initializer on the biases of tutorial 004's models too.
+    torch's own default (Kaiming-uniform weights, fan-in biases) fails every model here."""
+    import math
+
+    import torch
+
+    from torch_impl.models import build_model
+
+    model = build_model(name, seed=0)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert layers
+    for layer in layers:
+        weight = layer.weight.detach()
+        receptive = weight[0, 0].numel()
+        fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+        if name == "bn_cnn":  # glorot_normal: std sqrt(2 / (fan_in + fan_out)), nothing beyond 2 / .8796 of it
+            std = math.sqrt(2.0 / (fan_in + fan_out))
+            bound = 2.0 * std / 0.87962566103423978
+        else:  # glorot_uniform: U(-limit, limit), std limit / sqrt(3)
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            std = bound / math.sqrt(3.0)
+        assert weight.abs().max() <= bound * (1 + 1e-6), f"{name}: a {tuple(weight.shape)} kernel exceeds {bound:.4f}"
+        if weight.numel() >= 2000:  # enough values for the spread: within 10% of the initializer's
+            assert abs(weight.std().item() / std - 1.0) < 0.1, f"{name}: {tuple(weight.shape)} std {weight.std():.4f}"
+        bias = layer.bias.detach()
+        if name.startswith("datacamp"):  # xavier_uniform on a 1-D shape: fan_in = fan_out = n
+            assert bias.abs().max() <= math.sqrt(3.0 / bias.numel()) * (1 + 1e-6) and bias.abs().max() > 0
+        else:
+            assert torch.count_nonzero(bias) == 0, f"{name}: non-zero initial biases"
