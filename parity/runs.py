@@ -70,8 +70,9 @@ class History:
             "recipe": dataclasses.asdict(recipe) if dataclasses.is_dataclass(recipe) else dict(recipe),
             "seed": seed,
         }
-        self.epochs: list[dict] = []
+        self.epochs: list[dict] = []  # a resumed run puts back its earlier epochs here
         self.final: dict = {}
+        self._added_here: set[int] = set()  # epochs this process trained
 
     def add_epoch(self, row: dict) -> None:
         unknown = set(row) - set(EPOCH_COLUMNS)
@@ -79,9 +80,18 @@ class History:
             raise ValueError(f"unknown history columns {sorted(unknown)}; valid: {EPOCH_COLUMNS}")
         row = {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v is not None}
         self.epochs = [r for r in self.epochs if r["epoch"] != row["epoch"]] + [row]  # a resumed epoch replaces
+        self._added_here.add(row["epoch"])
         self.write()
 
+    def restored_seconds(self) -> float:
+        """Recorded seconds of the epochs that earlier processes of a resumed run trained."""
+        return sum(r.get("seconds", 0.0) for r in self.epochs if r["epoch"] not in self._added_here)
+
     def finish(self, **final) -> None:
+        """The run's final numbers. `train_seconds` is this process's training time; a resumed run's history adds
+        the recorded seconds of the epochs trained before the resume, so it counts the whole run's training."""
+        if "train_seconds" in final:
+            final["train_seconds"] = float(final["train_seconds"]) + self.restored_seconds()
         self.final.update({k: float(v) for k, v in final.items()})
         self.write()
 

@@ -137,6 +137,8 @@ def test_torch_run_resumes(tmp_path):
     first_segment = (run / "csv" / "metrics.csv").read_text()
     history = train("lenet_a", recipe.replace(epochs=2), out=tmp_path, progress=False, limit_train=64, resume=True)
     assert [row["epoch"] for row in history["epochs"]] == [1, 2], history["epochs"]
+    # train_seconds covers both processes: at least every epoch's recorded seconds
+    assert history["train_seconds"] >= sum(row["seconds"] for row in history["epochs"]) - 1e-6
     # Lightning's CSV log of the first segment survives (its CSVLogger deletes the metrics file it finds)
     assert (run / "csv" / "metrics.csv").read_text() == first_segment
     assert (run / "csv" / "resume1" / "metrics.csv").exists()
@@ -149,6 +151,26 @@ def test_tf_run_resumes(tf, tmp_path):
     train("cnn", recipe, out=tmp_path, progress=False, limit_train=200)
     history = train("cnn", recipe.replace(epochs=2), out=tmp_path, progress=False, limit_train=200, resume=True)
     assert [row["epoch"] for row in history["epochs"]] == [1, 2], history["epochs"]
+    # train_seconds covers both processes: at least every epoch's recorded seconds
+    assert history["train_seconds"] >= sum(row["seconds"] for row in history["epochs"]) - 1e-6
+
+
+
+def test_history_train_seconds_count_the_epochs_before_a_resume(tmp_path):
+    from parity.runs import History
+
+    history = History(tmp_path, "cnn", "torch", {"name": "tut001_cnn"}, seed=0)
+    history.epochs = [{"epoch": 1, "seconds": 10.0}, {"epoch": 2, "seconds": 12.0}]  # restored from a checkpoint
+    history.add_epoch({"epoch": 2, "seconds": 11.0})  # the interrupted epoch, trained again
+    history.add_epoch({"epoch": 3, "seconds": 9.0})
+    history.finish(train_seconds=21.0, test_acc=0.99)
+    assert history.final["train_seconds"] == 31.0  # this process's 21 s + epoch 1's 10 s
+    assert json.loads((tmp_path / "history.json").read_text())["train_seconds"] == 31.0
+    fresh = History(tmp_path / "fresh", "cnn", "torch", {"name": "tut001_cnn"}, seed=0)
+    (tmp_path / "fresh").mkdir()
+    fresh.add_epoch({"epoch": 1, "seconds": 10.0})
+    fresh.finish(train_seconds=10.5)
+    assert fresh.final["train_seconds"] == 10.5
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -329,6 +351,8 @@ def test_tf_fit_run_resumes(tf, tmp_path):
     train("lenet_a", recipe, out=tmp_path, progress=False, limit_train=64)
     history = train("lenet_a", recipe.replace(epochs=2), out=tmp_path, progress=False, limit_train=64, resume=True)
     assert [row["epoch"] for row in history["epochs"]] == [1, 2], history["epochs"]
+    # train_seconds covers both processes: at least every epoch's recorded seconds
+    assert history["train_seconds"] >= sum(row["seconds"] for row in history["epochs"]) - 1e-6
     assert "test_acc" in history
 
 
