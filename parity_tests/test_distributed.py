@@ -35,7 +35,10 @@ import torch
 torch.nn.Dropout.forward = lambda self, x: x
 from parity.cli import main
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    # every process ends its DDP process group itself (one left open can abort the process at exit)
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized()), "process group left open"
+    sys.exit(status)
 """
 
 
@@ -441,6 +444,7 @@ torch.nn.Dropout.forward = lambda self, x: x
 from torch_impl.cli import main
 if __name__ == "__main__":
     main(sys.argv[1:])
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized()), "process group left open"
 """
 
 

@@ -32,7 +32,7 @@ from torch_impl.callbacks import EpochSeed, HistoryWriter, KerasProgressBar
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.distributed import (KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank,
-                                   share_cpu_cores, single_process_rank)
+                                   release_process_group, share_cpu_cores, single_process_rank)
 from torch_impl.lightning_module import ClassifierModule
 from torch_impl.train import (clear_member, evaluate_ensemble, finish_member, load_members, member_dir,
                               wait_for_members)
@@ -205,8 +205,11 @@ def _own_directories(trainer: dict, target: Path) -> None:
 def main(args=None, run: bool = True) -> LightningCLI:
     keep_freed_memory()  # CPU speed only (torch_impl/cpu_tuning.py)
     tensorboard_without_tensorflow()  # Lightning's TensorBoard logger would import TensorFlow where it is installed
-    return ParityCLI(ClassifierModule, MNISTDataModule, args=args, run=run, seed_everything_default=0,
-                     trainer_defaults={"use_distributed_sampler": False}, save_config_kwargs={"overwrite": True})
+    cli = ParityCLI(ClassifierModule, MNISTDataModule, args=args, run=run, seed_everything_default=0,
+                    trainer_defaults={"use_distributed_sampler": False}, save_config_kwargs={"overwrite": True})
+    if run and cli.trainer.world_size > 1:
+        release_process_group()  # every DDP process, once its subcommand is done
+    return cli
 
 
 if __name__ == "__main__":

@@ -87,6 +87,15 @@ def has_batchnorm(module: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ process layout
+def release_process_group() -> None:
+    """End the DDP process group once a run is over (every process must call it). Lightning leaves it open, and a
+    gloo group still open at interpreter exit can abort the process ('terminate called without an active
+    exception', exit status -6) after the run has finished and written everything."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def launched_rank() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when this process was started by torchrun or srun, else None."""
     for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),

@@ -31,7 +31,7 @@ from torch_impl.callbacks import (EpochSeed, HistoryWriter, KerasEarlyStopping, 
 from torch_impl.datamodule import MNISTDataModule
 from torch_impl.cpu_tuning import keep_freed_memory, tensorboard_without_tensorflow
 from torch_impl.distributed import (KerasSyncBatchNorm, has_batchnorm, launched_rank, members_of_rank,
-                                   share_cpu_cores, single_process_rank)
+                                   release_process_group, share_cpu_cores, single_process_rank)
 from torch_impl.lightning_module import ClassifierModule
 
 ENSEMBLE_MODES = ("loop", "vectorized", "members")
@@ -214,6 +214,8 @@ def _fit(model_name: str, recipe: Recipe, directory: Path, *, seed: int, data_di
     result["is_global_zero"] = trainer.is_global_zero
     # an ensemble's member accuracies, agreement and every combine rule's accuracy (`parity train` prints them)
     result["members"] = {k: v for k, v in test.items() if k.startswith("member")}
+    if trainer.world_size > 1:
+        release_process_group()
     return result
 
 
