@@ -164,7 +164,6 @@ def test_lightning_cli_writes_the_shared_history_and_tensorboard_tags(tmp_path):
         assert float(row["test_acc"]) == pytest.approx(epoch["test_acc"])
 
 
-
 def test_lightning_cli_print_config_prints_a_config_that_runs(tmp_path, capsys):
     """`--print_config` prints the whole parsed configuration (the recipe's values included) as YAML that the CLI
     takes back as its `--config`."""

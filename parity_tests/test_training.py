@@ -55,14 +55,14 @@ def test_config_is_the_recipe(config):
     if wanted.monitor:
         assert checkpoint.get("mode", "min") == wanted.mode
     # EarlyStopping with Keras's rule and restore_best_weights exactly where the recipe has it (tutorial 003)
-    stopping = [c["init_args"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping")]
+    stopping = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping")]
     restoring = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("RestoreBestWeights")]
     if recipe.early_stopping_patience is None:
         assert not stopping and not restoring
     else:
-        assert [c["class_path"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping")] \
-            == ["torch_impl.callbacks.KerasEarlyStopping"]
-        assert stopping[0]["patience"] == recipe.early_stopping_patience and stopping[0]["monitor"] == "val_loss"
+        assert [c["class_path"] for c in stopping] == ["torch_impl.callbacks.KerasEarlyStopping"]
+        args = stopping[0]["init_args"]
+        assert args["patience"] == recipe.early_stopping_patience and args["monitor"] == "val_loss"
         assert len(restoring) == 1
 
 
@@ -153,7 +153,6 @@ def test_tf_run_resumes(tf, tmp_path):
     assert [row["epoch"] for row in history["epochs"]] == [1, 2], history["epochs"]
     # train_seconds covers both processes: at least every epoch's recorded seconds
     assert history["train_seconds"] >= sum(row["seconds"] for row in history["epochs"]) - 1e-6
-
 
 
 def test_history_train_seconds_count_the_epochs_before_a_resume(tmp_path):
@@ -264,14 +263,11 @@ def test_two_real_epochs_of_cnn_in_both_frameworks(tf, tmp_path):
     assert abs(acc_tf - acc_torch) <= 0.005, f"TF {acc_tf:.4f} vs torch {acc_torch:.4f}: more than 0.5 points apart"
 
 
-
 @pytest.mark.slow
 def test_two_real_epochs_of_cnn_in_the_port_alone(tmp_path):
     """The same bar for the Lightning port on its own, with another seed, so that the pass of the suite without
     TensorFlow (scripts/test.sh) trains a real recipe to a real accuracy too. Lightning after two epochs over five
     seeds: 99.03 +- 0.07% (98.91-99.10, RESULTS.md), so 98.5% is seven standard deviations under its mean."""
-    import sys
-
     from torch_impl.train import train as train_torch
 
     recipe = recipe_for("cnn").replace(epochs=2)

@@ -39,11 +39,12 @@ from torch_impl.train import (clear_member, evaluate_ensemble, finish_member, lo
 
 
 class ParityCLI(LightningCLI):
-    """LightningCLI whose Trainer logs to TensorBoard and CSV unless the config names its loggers, shows `KerasProgressBar` (the epoch's running loss and accuracy, redrawn on a
-    timer) unless the config names its own progress bar or sets `trainer.enable_progress_bar: false`, and seeds
-    dropout and augmentation per process and epoch (`EpochSeed`) from `seed_everything`, which also seeds the data
-    order unless `data.seed` is given, and writes `history.json` / `history.csv` and the shared TensorBoard tags
-    (`HistoryWriter`) into the run's log directory, as `parity train` does. The Trainer defaults to
+    """LightningCLI whose Trainer logs to TensorBoard and CSV unless the config names its loggers, shows
+    `KerasProgressBar` (the epoch's running loss and accuracy, redrawn on a timer) unless the config names its own
+    progress bar or sets `trainer.enable_progress_bar: false`, and seeds dropout and augmentation per process and
+    epoch (`EpochSeed`) from `seed_everything`, which also seeds the data order unless `data.seed` is given, and
+    writes `history.json` / `history.csv` and the shared TensorBoard tags (`HistoryWriter`) into the run's log
+    directory, as `parity train` does. The Trainer defaults to
     `use_distributed_sampler: false`: the datamodule splits each global batch across DDP processes itself
     (`GlobalBatchSampler`), and Lightning's DistributedSampler would replace that sampler and break it. Under DDP
     it adds what `parity train` adds where the config leaves it open (`_distributed_defaults`): Keras-semantics
