@@ -29,7 +29,8 @@ JSON (`--json PATH`): {"command", "device", "threads", "data", "steps", "repeats
 "versions", "rows": [{"framework", "variant", "label", "model", "members", "batch", "steps", "status",
 "images_per_s", "images_per_s_runs", "ms_per_step", "cpu_ms_per_step", "ratio_to_tf", "ratio_to_tf_runs",
 "peak_rss_mb", "base_rss_mb", "cuda_peak_mb", "tf_imported", "threads", "train_gflop_per_image", "gflops",
-"fraction_of_matmul"}], "matmul_gflops": {"float32", "bfloat16"}, "lightning_overhead": [{"model",
+"fraction_of_matmul"}], "matmul_gflops": {"float32", "bfloat16"}, "matmul_gflops_by_framework": {"torch",
+"tf"}, "lightning_overhead": [{"model",
 "members", "batch", "mode", "fit_images_per_s", "bare_images_per_s", "overhead_pct"}], "memory": [{"framework",
 "recipe", "model", "members", "steps", "status", "peak_rss_mb", "base_rss_mb", "tf_imported"}], "scale": [{"framework", "variant",
 "model", "members", "batch", "ms_per_step"}]}. "memory" and "scale" appear with --memory / --scale.
@@ -454,7 +455,10 @@ class _LightningWorker(_TorchWorker):
             enable_progress_bar=self.progress_bar, enable_model_summary=False, enable_checkpointing=False,
             use_distributed_sampler=False,
         )
-        trainer = self.L.Trainer(**{**settings, **self.trainer_kwargs})
+        settings.update(self.trainer_kwargs)
+        if settings.get("barebones"):  # Lightning's loop alone: no loggers, progress bar or callbacks but the timer
+            settings.update(logger=None, enable_progress_bar=None, enable_model_summary=None, callbacks=[StepTimer()])
+        trainer = self.L.Trainer(**settings)
         trainer.fit(self.module, datamodule=self.data)
         if "end" not in times:
             raise RuntimeError(f"Trainer.fit stopped before {warmup + steps} batches")
@@ -848,15 +852,38 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
-def arithmetic_rates(device: str, threads: int | None) -> dict:
-    """The device's measured matrix-multiply rate (GFLOP/s) in float32 and bfloat16."""
+def arithmetic_rates(device: str, threads: int | None, frameworks: list[str] | tuple[str, ...] = ("torch",)
+                     ) -> tuple[dict, dict]:
+    """The device's matrix-multiply rate (GFLOP/s) in float32 and bfloat16: the best that torch and, on CPU with
+    `tf` among `frameworks`, TensorFlow measure (they need not agree: TensorFlow multiplies with oneDNN's GEMM, torch
+    with its BLAS, MKL in the x86 wheels, which on some CPUs runs slower kernels). Returns (best, by framework)."""
     import torch
 
     from torch_impl.flops import matmul_gflops
 
     if threads:
         torch.set_num_threads(threads)
-    return {"float32": matmul_gflops(device, torch.float32), "bfloat16": matmul_gflops(device, torch.bfloat16)}
+    by_framework = {"torch": {"float32": matmul_gflops(device, torch.float32),
+                              "bfloat16": matmul_gflops(device, torch.bfloat16)}}
+    if device == "cpu" and "tf" in frameworks:
+        tf_rates = _tf_matmul_rates(threads)
+        if tf_rates:
+            by_framework["tf"] = tf_rates
+    best = {dtype: max(rates[dtype] for rates in by_framework.values()) for dtype in ("float32", "bfloat16")}
+    return best, by_framework
+
+
+def _tf_matmul_rates(threads: int | None) -> dict | None:
+    """TensorFlow's rates, measured in a process of its own (`python -m tf_ref.flops`); None if it fails, e.g.
+    without TensorFlow (the `tf` rows then say why)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    argv = [sys.executable, "-m", "tf_ref.flops", *(["--threads", str(threads)] if threads else [])]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, check=False)
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
 
 
 def add_work(rows: list[dict], rates: dict) -> None:
@@ -896,8 +923,11 @@ def cmd_bench(args) -> int:
           f"data: {source}; {args.steps} steps x {args.repeats} repeats after {args.warmup} warm-up steps "
           f"(an ensemble of M members: 1/M as many)", flush=True)
     if not args.memory_only:
-        result["matmul_gflops"] = arithmetic_rates(args.device, args.threads)
-        print("matrix-multiply rate, the reference for 'of matmul': " + ", ".join(
+        result["matmul_gflops"], result["matmul_gflops_by_framework"] = arithmetic_rates(
+            args.device, args.threads, frameworks)
+        print("matrix-multiply rate, the reference for 'of matmul' (the best of " + " and ".join(
+            f"{name} {rates['float32']:,.0f} / {rates['bfloat16']:,.0f}" for name, rates in
+            result["matmul_gflops_by_framework"].items()) + "): " + ", ".join(
             f"{dtype} {rate:,.0f} GFLOP/s" for dtype, rate in result["matmul_gflops"].items()), flush=True)
         groups = plan(args)
         shared = {} if args.scale else None  # --scale: one worker per variant for all cells (time, not memory)

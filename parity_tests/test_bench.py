@@ -62,6 +62,14 @@ def test_bench_runs_every_default_variant_on_a_tiny_budget(tf, tmp_path, capsys,
     assert memory["status"] == "ok" and memory["recipe"] == "tut003" and memory["peak_rss_mb"] > memory["base_rss_mb"]
     assert {r["framework"] for r in result["memory"]} == {"tf", "torch"}
     assert "images/s" in printed and "Lightning overhead" in printed and "Peak resident memory" in printed
+    # 'of matmul' divides by the best rate either framework reaches on this CPU
+    by_framework = result["matmul_gflops_by_framework"]
+    assert set(by_framework) == {"torch", "tf"}
+    for dtype in ("float32", "bfloat16"):
+        assert result["matmul_gflops"][dtype] == max(rates[dtype] for rates in by_framework.values()) > 0
+    for row in result["rows"]:
+        dtype = "bfloat16" if row["variant"] == "bf16" else "float32"
+        assert row["fraction_of_matmul"] == pytest.approx(row["gflops"] / result["matmul_gflops"][dtype])
     assert list(scratch.iterdir()) == []
 
 
@@ -79,6 +87,7 @@ def test_torch_only_bench_never_imports_tensorflow(tmp_path):
     # the arithmetic columns: FLOPs per image from the model, the rate at the measured speed, the share of the
     # matrix-multiply rate of the row's dtype
     assert set(result["matmul_gflops"]) == {"float32", "bfloat16"}
+    assert set(result["matmul_gflops_by_framework"]) == {"torch"}  # no TensorFlow process for its rate either
     from torch_impl.flops import flops_per_image
 
     for row in rows:
@@ -107,6 +116,28 @@ def test_layer_bench_runs_end_to_end_on_a_tiny_budget(tf, tmp_path):
     for row in rows:
         assert row["tf_ms"] > 0 and row["torch_ms"] > 0, row
     assert "whole step" in result.stdout
+
+
+def test_layer_bench_tf_parts_compute_the_forward_pass(tf):
+    """A linear layer's gradients do not need its output, so a `tf.function` that returned only them would have its
+    forward pass pruned by Grappler and time the backward alone against torch's forward + backward. Every TF part
+    returns the layer's output (of the layer's output shape) with the gradients."""
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "layer_bench.py"
+    spec = importlib.util.spec_from_file_location("layer_bench", script)
+    layer_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layer_bench)
+    parts = layer_bench.tf_parts(batch=4, threads=None, inter_op=None)
+    shapes = {"conv1 1->32 @28": (4, 28, 28, 32), "relu @28 (32 ch)": (4, 28, 28, 32),
+              "maxpool 28->14": (4, 14, 14, 32), "conv2 32->64 @14": (4, 14, 14, 64),
+              "conv3 64->128 @7": (4, 7, 7, 128), "dense 2048->256": (4, 256), "dense 256->10": (4, 10)}
+    for name, shape in shapes.items():
+        output, gradients = parts[name]()
+        assert tuple(output.shape) == shape, name
+        assert all(g is not None for g in gradients), name
+    sys.modules.pop("layer_bench", None)
 
 
 def test_hardware_names_the_gpu_on_a_cuda_device(monkeypatch):

@@ -51,3 +51,11 @@ def test_a_training_step_costs_two_to_three_forwards(name):
 def test_matmul_rate_is_measured():
     rate = matmul_gflops("cpu", torch.float32, size=256, repeats=2)
     assert 0.1 < rate < 1e5, rate
+
+
+def test_tensorflow_matmul_rate_is_measured(tf):
+    """`tf_ref.flops` (the bench's other reference rate) times a multiply whose result it waits for."""
+    from tf_ref.flops import matmul_gflops as tf_matmul_gflops
+
+    rate = tf_matmul_gflops("float32", size=256, repeats=2)
+    assert 0.1 < rate < 1e5, rate

@@ -17,7 +17,9 @@ hand-written loop / in Trainer.fit, as `parity bench` runs them) plus patches:
 - `foreach_adam`: KerasAdam's update with `torch._foreach_*` ops in the same operation order (bit-identical).
 - Lightning (`fit` only): `no_bar` (no progress bar), `no_logger`, `no_step_log` (no per-step `self.log`),
   `manual` (a single model trained through the module's manual-optimization path: `manual_backward`, then the
-  optimizer's and scheduler's `step()` in `training_step`, instead of Lightning's automatic-optimization closure).
+  optimizer's and scheduler's `step()` in `training_step`, instead of Lightning's automatic-optimization closure),
+  `barebones` (`Trainer(barebones=True)`: Lightning's loop alone, without loggers, progress bar, callbacks and
+  `self.log`; the module's own metrics still update).
 
 Reported: wall ms/step, CPU ms/step (all threads; steadier than wall time on a shared machine), and the speed-up over
 `current` as the median of per-repeat ratios (paired in time).
@@ -50,6 +52,7 @@ CONFIGS = {
     "fit_no_logger": ("fit", ("no_logger",)),
     "fit_no_step_log": ("fit", ("no_step_log",)),
     "fit_manual": ("fit", ("manual",)),
+    "fit_barebones": ("fit", ("barebones",)),
     "bare_all": ("bare", ("malloc", "channels_last", "relu_after_pool")),
     "fit_all": ("fit", ("malloc", "channels_last", "relu_after_pool")),
 }
@@ -179,6 +182,9 @@ def make_worker(setup: dict):
             worker.trainer_kwargs["logger"] = False
         if "manual" in patches:
             worker.module.automatic_optimization = False
+        if "barebones" in patches:
+            # Lightning's loop alone: no loggers, progress bar, LearningRateMonitor or `self.log` (the timer stays)
+            worker.trainer_kwargs["barebones"] = True
     return worker
 
 

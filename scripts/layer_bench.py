@@ -129,7 +129,9 @@ def tf_parts(batch: int, threads: int | None, inter_op: int | None) -> dict:
                 tape.watch(x)
                 y = layer(x)
             sources = ([x] if input_grad else []) + layer.trainable_variables
-            return tape.gradient(y, sources, output_gradients=g)
+            # y is returned too: a linear layer's gradients do not need its output, and Grappler would otherwise
+            # prune the forward pass from the graph (torch's autograd.grad always runs it)
+            return y, tape.gradient(y, sources, output_gradients=g)
 
         return run
 
@@ -141,7 +143,7 @@ def tf_parts(batch: int, threads: int | None, inter_op: int | None) -> dict:
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 y = fn(x)
-            return tape.gradient(y, x, output_gradients=g)
+            return y, tape.gradient(y, x, output_gradients=g)
 
         return run
 

@@ -1,8 +1,10 @@
 """Where one training step of a catalog model spends its CPU time (torch.profiler, per op, with input shapes).
 
-    .venv/bin/python scripts/profile_step.py [--model cnn] [--batch 100] [--steps 10] [--channels-last]
+    .venv/bin/python scripts/profile_step.py [--model cnn] [--batch 100] [--steps 10] [--channels-last] [--fresh-pages]
 
-The step is `parity bench`'s `eager` one: the plain module, cross-entropy, the recipe's Keras-semantics optimizer.
+The step is `parity bench`'s `eager` one: the plain module, cross-entropy, the recipe's Keras-semantics optimizer,
+with glibc keeping freed memory as the port trains (`torch_impl.cpu_tuning.keep_freed_memory`; `--fresh-pages` to
+leave glibc's defaults, under which every step's large activations come back as fresh pages).
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--fresh-pages", action="store_true", help="do not call keep_freed_memory()")
     args = parser.parse_args()
+    if not args.fresh_pages:
+        from torch_impl.cpu_tuning import keep_freed_memory
+
+        keep_freed_memory()
 
     import torch
     import torch.nn.functional as F
