@@ -1,6 +1,7 @@
 """Where one training step of a catalog model spends its CPU time (torch.profiler, per op, with input shapes).
 
-    .venv/bin/python scripts/profile_step.py [--model cnn] [--batch 100] [--steps 10] [--channels-last] [--fresh-pages]
+    .venv/bin/python scripts/profile_step.py [--model cnn] [--batch 100] [--steps 10] [--channels-last]
+                                             [--fresh-pages] [--compile]
 
 The step is `parity bench`'s `eager` one: the plain module, cross-entropy, the recipe's Keras-semantics optimizer,
 with glibc keeping freed memory as the port trains (`torch_impl.cpu_tuning.keep_freed_memory`; `--fresh-pages` to
@@ -23,6 +24,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--fresh-pages", action="store_true", help="do not call keep_freed_memory()")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the module (inductor); its generated kernels appear as rows of their own")
     args = parser.parse_args()
     if not args.fresh_pages:
         from torch_impl.cpu_tuning import keep_freed_memory
@@ -46,8 +49,15 @@ def main() -> None:
     x = torch.rand(args.batch, c, h, w).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch,))
 
+    forward = member
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # each generated C++ kernel is a profiler row
+        forward = torch.compile(member.logits if getattr(member, "output", "logits") == "softmax" else member)
+
     def step() -> None:
-        loss = F.cross_entropy(model_logits(member, x), y)
+        loss = F.cross_entropy(forward(x) if args.compile else model_logits(member, x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

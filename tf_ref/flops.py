@@ -14,7 +14,7 @@ import tf_ref  # noqa: F401  (quiets TensorFlow's start-up logging)
 import tensorflow as tf
 
 
-def matmul_gflops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
+def matmul_gflops(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> float:
     """The measured rate of a square matrix multiply (GFLOP/s), the best of `repeats` after a warm-up."""
     a = tf.random.normal((size, size), dtype=dtype)
     b = tf.random.normal((size, size), dtype=dtype)
