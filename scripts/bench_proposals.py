@@ -47,6 +47,7 @@ CONFIGS = {
     "channels_last": ("eager", ("channels_last",)),
     "relu_after_pool": ("eager", ("relu_after_pool",)),
     "relu_inplace": ("eager", ("relu_inplace",)),
+    "bare_relu_inplace": ("bare", ("relu_inplace",)),
     "foreach_adam": ("eager", ("foreach_adam",)),
     "malloc_channels_last": ("eager", ("malloc", "channels_last")),
     "all": ("eager", ("malloc", "channels_last", "relu_after_pool")),
