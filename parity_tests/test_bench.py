@@ -118,6 +118,38 @@ def test_layer_bench_runs_end_to_end_on_a_tiny_budget(tf, tmp_path):
     assert "whole step" in result.stdout
 
 
+def test_bench_proposals_runs_lightning_configs_on_a_tiny_budget(tmp_path):
+    """`scripts/bench_proposals.py` (BENCHMARKS.md, Lightning's overhead): the bare loop, the port's Trainer and
+    `Trainer(barebones=True)` each time their steps; the speed-ups are paired against the port's Trainer."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "proposals.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_proposals.py"
+    result = subprocess.run([sys.executable, str(script), "--model", "lenet_a", "--batch", "8", "--steps", "2",
+                             "--repeats", "1", "--warmup", "1", "--threads", "1", "--data", "synthetic",
+                             "--configs", "bare,fit,fit_barebones", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["config"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bare", "fit", "fit_barebones"}, result.stdout
+    assert all(row["ms_per_step"] > 0 for row in rows.values())
+    assert rows["fit_barebones"]["patches"] == ["barebones"] and rows["fit_barebones"]["speedup"] > 0
+    assert rows["bare"]["speedup"] is None  # a base is not compared with itself
+
+
+def test_profile_step_prints_the_op_table():
+    """`scripts/profile_step.py`: torch.profiler's per-op table of a training step, convolutions included."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "profile_step.py"
+    result = subprocess.run([sys.executable, str(script), "--model", "lenet_a", "--batch", "4", "--steps", "1",
+                             "--channels-last"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "aten::convolution_backward" in result.stdout and "Self CPU time total" in result.stdout
+
+
 def test_layer_bench_tf_parts_compute_the_forward_pass(tf):
     """A linear layer's gradients do not need its output, so a `tf.function` that returned only them would have its
     forward pass pruned by Grappler and time the backward alone against torch's forward + backward. Every TF part
