@@ -559,9 +559,7 @@ class Worker:
         # TensorFlow's autograph sources) goes to a directory of its own, removed by close() even if it crashed.
         self.tmp = tempfile.mkdtemp(prefix=f"parity-bench-{name}-")
         self.log = open(Path(self.tmp) / "worker.log", "w+")  # noqa: SIM115 (closed by close())
-        root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
-               "TMPDIR": self.tmp}
+        env = {**_child_env(), "TMPDIR": self.tmp}
         argv = argv or [sys.executable, "-m", "parity.bench", "--worker"]
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1, env=env)
@@ -873,14 +871,19 @@ def arithmetic_rates(device: str, threads: int | None, frameworks: list[str] | t
     return best, by_framework
 
 
+def _child_env() -> dict:
+    """The environment of a process the bench starts: this one's, with the project root on PYTHONPATH."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+
+
 def _tf_matmul_rates(threads: int | None) -> dict | None:
     """TensorFlow's rates, measured in a process of its own (`python -m tf_ref.flops`); None if it fails, e.g.
     without TensorFlow (the `tf` rows then say why)."""
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     argv = [sys.executable, "-m", "tf_ref.flops", *(["--threads", str(threads)] if threads else [])]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, check=False)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=_child_env(),
+                              check=False)
         return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return None

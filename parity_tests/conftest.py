@@ -26,6 +26,22 @@ def tf():
 
 
 @pytest.fixture(scope="session")
+def load_script():
+    """Imports a file of scripts/ (not a package) by name, e.g. `load_script("layer_bench")`."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def mnist():
     """The real MNIST arrays (fetched once per machine into the cache; offline copies where there is no network)."""
     from parity.data import load_arrays

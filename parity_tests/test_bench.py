@@ -150,18 +150,11 @@ def test_profile_step_prints_the_op_table():
     assert "aten::convolution_backward" in result.stdout and "Self CPU time total" in result.stdout
 
 
-def test_layer_bench_tf_parts_compute_the_forward_pass(tf):
+def test_layer_bench_tf_parts_compute_the_forward_pass(tf, load_script):
     """A linear layer's gradients do not need its output, so a `tf.function` that returned only them would have its
     forward pass pruned by Grappler and time the backward alone against torch's forward + backward. Every TF part
     returns the layer's output (of the layer's output shape) with the gradients."""
-    import importlib.util
-    import sys
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "layer_bench.py"
-    spec = importlib.util.spec_from_file_location("layer_bench", script)
-    layer_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(layer_bench)
-    parts = layer_bench.tf_parts(batch=4, threads=None, inter_op=None)
+    parts = load_script("layer_bench").tf_parts(batch=4, threads=None, inter_op=None)
     shapes = {"conv1 1->32 @28": (4, 28, 28, 32), "relu @28 (32 ch)": (4, 28, 28, 32),
               "maxpool 28->14": (4, 14, 14, 32), "conv2 32->64 @14": (4, 14, 14, 64),
               "conv3 64->128 @7": (4, 7, 7, 128), "dense 2048->256": (4, 256), "dense 256->10": (4, 10)}
@@ -169,7 +162,6 @@ def test_layer_bench_tf_parts_compute_the_forward_pass(tf):
         output, gradients = parts[name]()
         assert tuple(output.shape) == shape, name
         assert all(g is not None for g in gradients), name
-    sys.modules.pop("layer_bench", None)
 
 
 def test_hardware_names_the_gpu_on_a_cuda_device(monkeypatch):

@@ -112,15 +112,9 @@ def test_accuracy_equivalence_with_one_run_tests_the_difference_only():
     assert accuracy_equivalence([0.990], [0.989], margin=0.0015)["ci95"] is None
 
 
-def test_accuracy_table_summarizes_finished_runs_only(tmp_path, capsys):
+def test_accuracy_table_summarizes_finished_runs_only(tmp_path, capsys, load_script):
     """scripts/accuracy_table.py over run directories: finished runs counted, unfinished ones ignored."""
-    import importlib.util
-    import pathlib
-
-    script = pathlib.Path(__file__).parent.parent / "scripts" / "accuracy_table.py"
-    spec = importlib.util.spec_from_file_location("accuracy_table", script)
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_script("accuracy_table")
 
     def write(framework, seed, acc, finished=True, model="lenet_a"):
         directory = tmp_path / model / framework / f"seed{seed}"

@@ -49,15 +49,17 @@ def main() -> None:
     x = torch.rand(args.batch, c, h, w).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch,))
 
-    forward = member
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return model_logits(member, images)
+
     if args.compile:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True  # each generated C++ kernel is a profiler row
-        forward = torch.compile(member.logits if getattr(member, "output", "logits") == "softmax" else member)
+        logits = torch.compile(logits)
 
     def step() -> None:
-        loss = F.cross_entropy(forward(x) if args.compile else model_logits(member, x), y)
+        loss = F.cross_entropy(logits(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
