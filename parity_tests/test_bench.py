@@ -138,6 +138,23 @@ def test_bench_proposals_runs_lightning_configs_on_a_tiny_budget(tmp_path):
     assert rows["bare"]["speedup"] is None  # a base is not compared with itself
 
 
+def test_dropout_bench_times_every_row_on_a_tiny_budget(tf, tmp_path):
+    """`scripts/dropout_bench.py` (BENCHMARKS.md, dropout): both torch layers, Keras's layer and torch's two draws."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "dropout.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "dropout_bench.py"
+    result = subprocess.run([sys.executable, str(script), "--shapes", "4x8x5x5", "--iterations", "2", "--repeats", "1",
+                             "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["row"]: row["ms"] for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"torch nn.Dropout (bernoulli)", "torch port Dropout (uniform >= rate)",
+                         "torch bernoulli_ alone", "torch rand_like alone", "tf keras Dropout"}, result.stdout
+    assert all(ms > 0 for ms in rows.values())
+
+
 def test_profile_step_prints_the_op_table():
     """`scripts/profile_step.py`: torch.profiler's per-op table of a training step, convolutions included."""
     import subprocess

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = """
 import sys
 import torch
-torch.nn.Dropout.forward = lambda self, x: x
+import torch_impl.layers
+torch.nn.Dropout.forward = torch_impl.layers.Dropout.forward = lambda self, x: x
 from parity.cli import main
 if __name__ == "__main__":
     status = main(sys.argv[1:])
@@ -440,7 +441,8 @@ def test_trainer_fit_refuses_a_member_parallel_module_and_the_cli_refuses_ckpt_p
 CLI_DRIVER = """
 import sys
 import torch
-torch.nn.Dropout.forward = lambda self, x: x
+import torch_impl.layers
+torch.nn.Dropout.forward = torch_impl.layers.Dropout.forward = lambda self, x: x
 from torch_impl.cli import main
 if __name__ == "__main__":
     main(sys.argv[1:])

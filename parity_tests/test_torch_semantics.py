@@ -30,6 +30,7 @@ from torch_impl.layers import (
     BatchNorm1d,
     BatchNorm2d,
     Conv2d,
+    Dropout,
     LocalResponseNorm,
     MaxPool2d,
     nhwc_flatten_permutation,
@@ -442,6 +443,52 @@ def test_keras_and_tf_dropout_take_the_same_rate(tf, keras):
     np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
     tf.random.set_seed(0)
     _dropout_statistics(tf.nn.dropout(x, rate=DROP_RATE).numpy(), DROP_RATE)
+
+
+def test_port_dropout_is_inverted_off_in_eval_and_keeps_where_the_uniform_draw_reaches_the_rate():
+    """`torch_impl.layers.Dropout` on a CPU: keep where uniform[0, 1) >= rate (TensorFlow's rule), scale the kept by
+    1 / (1 - rate); the gradient is the same mask and scale; a pass-through in eval mode and at rate 0."""
+    layer = Dropout(DROP_RATE)
+    assert isinstance(layer, nn.Dropout)  # what code that finds or switches off dropout layers looks for
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = layer.train()(x)
+    _dropout_statistics(y.detach().numpy(), DROP_RATE)
+    torch.manual_seed(0)
+    uniform = torch.rand(200_000)
+    expected = (uniform >= DROP_RATE).float() / (1 - DROP_RATE)
+    assert torch.equal(y.detach(), expected)
+    y.backward(torch.full_like(y, 3.0))
+    assert torch.equal(x.grad, 3.0 * expected)
+    assert torch.equal(layer.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_port_dropout_draws_in_float32_for_bfloat16_and_keeps_the_layout():
+    """A bfloat16 uniform has 8 bits (its keep rate would be off by up to 1/256): the draw is float32, the output
+    bfloat16. Channels-last input stays channels-last (the mask is drawn in its layout)."""
+    layer = Dropout(DROP_RATE).train()
+    torch.manual_seed(0)
+    y = layer(torch.ones(400_000, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    kept = y.float().numpy()
+    dropped, n = float((kept == 0).mean()), kept.size
+    assert abs(dropped - DROP_RATE) <= 5 * math.sqrt(DROP_RATE * (1 - DROP_RATE) / n), dropped
+    scale = torch.tensor(1 / (1 - DROP_RATE)).to(torch.bfloat16).item()  # the scale, rounded to bfloat16
+    np.testing.assert_array_equal(kept[kept != 0], scale)
+    x = torch.ones(8, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert layer(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tf_dropout_keeps_where_the_uniform_draw_reaches_the_rate(tf):
+    """The rule `torch_impl.layers.Dropout` follows is TensorFlow's: `stateless_dropout` keeps x / (1 - rate) where
+    its uniform draw (same shape, seed and dtype) is >= rate."""
+    x = np.ones(100_000, dtype=np.float32)
+    seed = [1, 2]
+    y = tf.nn.experimental.stateless_dropout(x, rate=DROP_RATE, seed=seed).numpy()
+    uniform = tf.random.stateless_uniform(x.shape, seed=seed, dtype=tf.float32).numpy()
+    np.testing.assert_array_equal(y != 0, uniform >= DROP_RATE)
+    _dropout_statistics(y, DROP_RATE)
 
 
 # ----------------------------------------------------------------------------------------------

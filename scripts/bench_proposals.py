@@ -18,6 +18,9 @@ hand-written loop / in Trainer.fit, as `parity bench` runs them) plus patches:
   the convolution's output while it is still in cache instead of a fresh 10 MB tensor (same values and gradients:
   the convolution's backward does not need its output).
 - `foreach_adam`: KerasAdam's update with `torch._foreach_*` ops in the same operation order (bit-identical).
+- `dropout_bernoulli`: the models' dropout drawn by `nn.Dropout` (a Bernoulli draw) instead of the port's
+  `torch_impl.layers.Dropout`, which keeps where a uniform draw is >= the rate, as TensorFlow does: same distribution
+  of masks, but torch's CPU `bernoulli_` takes about 3x as long as `rand_like`, both single-threaded (BENCHMARKS.md).
 - Lightning (`fit` only): `no_bar` (no progress bar), `no_logger`, `no_step_log` (no per-step `self.log`),
   `manual` (a single model trained through the module's manual-optimization path: `manual_backward`, then the
   optimizer's and scheduler's `step()` in `training_step`, instead of Lightning's automatic-optimization closure),
@@ -49,6 +52,8 @@ CONFIGS = {
     "relu_inplace": ("eager", ("relu_inplace",)),
     "bare_relu_inplace": ("bare", ("relu_inplace",)),
     "foreach_adam": ("eager", ("foreach_adam",)),
+    "dropout_bernoulli": ("eager", ("dropout_bernoulli",)),
+    "fit_dropout_bernoulli": ("fit", ("dropout_bernoulli",)),
     "malloc_channels_last": ("eager", ("malloc", "channels_last")),
     "all": ("eager", ("malloc", "channels_last", "relu_after_pool")),
     "bare": ("bare", ()),
@@ -165,6 +170,15 @@ def foreach_adam() -> None:
     KerasAdam.step = step
 
 
+def dropout_bernoulli() -> None:
+    """The models' `torch_impl.layers.Dropout` layers draw their masks as `nn.Dropout` does."""
+    from torch import nn
+
+    from torch_impl.layers import Dropout
+
+    Dropout.forward = nn.Dropout.forward
+
+
 def no_step_log() -> None:
     """ClassifierModule without its per-step `self.log` (the epoch metrics are still accumulated)."""
     from torch_impl.lightning_module import ClassifierModule
@@ -192,6 +206,8 @@ def make_worker(setup: dict):
         foreach_adam()
     if "no_step_log" in patches:
         no_step_log()
+    if "dropout_bernoulli" in patches:
+        dropout_bernoulli()
     cell = dict(setup["cell"])
     if cell["variant"] == "eager" and "channels_last" in patches:
         cell["variant"] = "channels_last"

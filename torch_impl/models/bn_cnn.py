@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import glorot_normal_
-from torch_impl.layers import BatchNorm1d, BatchNorm2d, MaxPool2d
+from torch_impl.layers import BatchNorm1d, BatchNorm2d, Dropout, MaxPool2d
 
 
 class ConvBNRelu(nn.Module):
@@ -46,7 +46,7 @@ class BNCNN(nn.Module):
         self.pool3 = MaxPool2d(2, padding="same")
         self.pool3_flat = nn.Flatten()
         self.dense4 = DenseBNRelu(4 * 4 * 128, 256)
-        self.drop4 = nn.Dropout(dropout)
+        self.drop4 = Dropout(dropout)
         self.dense5 = nn.Linear(256, num_classes)
         glorot_normal_(self.dense5.weight)
         nn.init.zeros_(self.dense5.bias)

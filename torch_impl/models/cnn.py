@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import keras_init_
-from torch_impl.layers import MaxPool2d
+from torch_impl.layers import Dropout, MaxPool2d
 
 
 class CNN(nn.Module):
@@ -24,7 +24,7 @@ class CNN(nn.Module):
         self.pool3 = MaxPool2d(2, padding="same")  # 7 -> 4: TF pads the extra row/column at the bottom/right
         self.pool3_flat = nn.Flatten()  # NCHW order; weight transfer permutes dense4 (see parity.interchange)
         self.dense4 = nn.Linear(4 * 4 * 128, 256)
-        self.drop4 = nn.Dropout(dropout)
+        self.drop4 = Dropout(dropout)
         self.dense5 = nn.Linear(256, num_classes)
         keras_init_(self)  # Keras defaults: glorot_uniform kernels, zero biases
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import keras_init_
+from torch_impl.layers import Dropout
 
 
 class ConvPool(nn.Module):
@@ -14,14 +15,14 @@ class ConvPool(nn.Module):
         self.conv1 = nn.Conv2d(1, 64, 3, padding=1)
         self.conv2 = nn.Conv2d(64, 64, 3, padding=1)
         self.pool1 = nn.AvgPool2d(2, 2)  # 'valid' 2x2/2 on an even size: PyTorch's default is TF's
-        self.drop1 = nn.Dropout(0.25)
+        self.drop1 = Dropout(0.25)
         self.conv3 = nn.Conv2d(64, 32, 3, padding=1)
         self.conv4 = nn.Conv2d(32, 32, 3, padding=1)
         self.pool2 = nn.AvgPool2d(2, 2)
-        self.drop2 = nn.Dropout(0.25)
+        self.drop2 = Dropout(0.25)
         self.flatten = nn.Flatten()
         self.dense1 = nn.Linear(7 * 7 * 32, 256)
-        self.drop3 = nn.Dropout(0.5)
+        self.drop3 = Dropout(0.5)
         self.logits = nn.Linear(256, num_classes)
         keras_init_(self)  # tf.layers defaults are Keras's: glorot_uniform kernels, zero biases
 

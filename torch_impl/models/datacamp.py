@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import glorot_uniform_, tf1_xavier_uniform_
-from torch_impl.layers import MaxPool2d
+from torch_impl.layers import Dropout, MaxPool2d
 
 
 class DataCampCNN(nn.Module):
@@ -28,8 +28,8 @@ class DataCampCNN(nn.Module):
         self.fc1 = nn.Linear(4 * 4 * 128, 128)
         self.out = nn.Linear(128, num_classes)
         if dropout:
-            self.drop1, self.drop2, self.drop3 = nn.Dropout(0.25), nn.Dropout(0.25), nn.Dropout(0.4)
-            self.drop4 = nn.Dropout(0.3)
+            self.drop1, self.drop2, self.drop3 = Dropout(0.25), Dropout(0.25), Dropout(0.4)
+            self.drop4 = Dropout(0.3)
         for layer in (self.conv1, self.conv2, self.conv3, self.fc1, self.out):
             glorot_uniform_(layer.weight)  # xavier_initializer() = glorot uniform for a kernel
             tf1_xavier_uniform_(layer.bias)  # ... and the tutorial applies it to the biases too

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import keras_init_
-from torch_impl.layers import Conv2d, LocalResponseNorm
+from torch_impl.layers import Conv2d, Dropout, LocalResponseNorm
 
 LRN_PARAMS = dict(depth_radius=2, bias=1.0, alpha=0.00002, beta=0.75)
 
@@ -44,9 +44,9 @@ class LeNet(SoftmaxClassifier):
         self.lrn2 = LocalResponseNorm(**LRN_PARAMS) if variant == "c" else None
         self.conv3 = Conv2d(16, 64, 2, padding="same")  # even kernel: TF pads only bottom/right
         self.conv4 = nn.Conv2d(64, 128, 3)  # 'valid': 3 -> 1
-        self.drop1 = nn.Dropout(0.45) if variant == "b" else None
+        self.drop1 = Dropout(0.45) if variant == "b" else None
         self.conv5 = nn.Conv2d(128, 32, 1)
-        self.drop2 = nn.Dropout(0.45) if variant == "b" else None
+        self.drop2 = Dropout(0.45) if variant == "b" else None
         self.flatten = nn.Flatten()
         self.dense = nn.Linear(32, num_classes)
         keras_init_(self)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torch_impl.layers import BatchNorm1d, BatchNorm2d, MaxPool2d
+from torch_impl.layers import BatchNorm1d, BatchNorm2d, Dropout, MaxPool2d
 from torch_impl.models.bn_cnn import BNCNN
 from torch_impl.models.cnn import CNN
 from torch_impl.models.ensemble import Ensemble
@@ -111,7 +111,7 @@ class VectorizedEnsemble(nn.Module):
             in_channels = filters
         flat = 4 * 4 * _FILTERS[-1]
         self.dense4 = _DenseBNRelu(m, flat, 256) if batchnorm else StackedLinear(m, flat, 256)
-        self.drop4 = nn.Dropout(self.dropout)  # per element: the members draw independent masks
+        self.drop4 = Dropout(self.dropout)  # per element: the members draw independent masks
         self.dense5 = StackedLinear(m, 256, self.num_classes)
         self._relu = not batchnorm  # cnn applies its ReLU after the conv / dense module; bn_cnn's blocks include it
 
