@@ -174,7 +174,7 @@ class Dropout(nn.Dropout):
     Same layer as ``nn.Dropout(p=rate)`` (drop a fraction ``rate``, scale what is kept by ``1 / (1 - rate)``, pass
     through in eval mode), and the same distribution of masks. TensorFlow keeps an element where a uniform draw in
     [0, 1) is ``>= rate``; on a CPU this layer does the same. Why not ``nn.Dropout`` there: its Bernoulli sampler
-    takes about 3x as long as the uniform one (both single-threaded), which made dropout 1.5-1.9x slower per layer and
+    takes about 3x as long as the uniform one (both single-threaded), which made dropout 1.7-1.9x slower per layer and
     cost ``datacamp_dropout`` a fifth of its training step (BENCHMARKS.md). Elsewhere (a GPU) ``nn.Dropout``'s fused
     kernel is the fast one and is used. The masks differ from ``nn.Dropout``'s under the same seed.
     """
