@@ -180,10 +180,8 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
+        if not self.training or self.p in (0, 1) or x.device.type != "cpu":  # rate 1: nn.Dropout's zeros
             return super().forward(x)
-        if self.p == 1:
-            return x * 0
         # the draw in at least float32 (a bfloat16 uniform has 8 bits: its keep rate would be off by up to 1/256)
         keep = torch.rand_like(x, dtype=torch.promote_types(x.dtype, torch.float32)).ge_(self.p)  # 1.0 or 0.0
         mask = keep.mul_(1 / (1 - self.p)).to(x.dtype)
