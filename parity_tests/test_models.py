@@ -241,3 +241,50 @@ def test_torch_models_start_from_their_tutorials_initializers(name):
             assert bias.abs().max() <= math.sqrt(3.0 / bias.numel()) * (1 + 1e-6) and bias.abs().max() > 0
         else:
             assert torch.count_nonzero(bias) == 0, f"{name}: non-zero initial biases"
+
+
+def _keras_order_forward(name, model, x):
+    """The model's forward with each ReLU before its max pooling, as Keras's layers run (the port pools first)."""
+    import torch
+
+    relu, pools = torch.relu, ("pool1", "pool2", "pool3")
+    for i, pool in enumerate(pools, start=1):
+        x = getattr(model, pool)(relu(getattr(model, f"conv{i}")(x)))
+        if name == "datacamp_dropout":
+            x = getattr(model, f"drop{i}")(x)
+    if name == "datacamp_dropout":
+        return model.out(model.drop4(relu(model.fc1(model.flatten(x)))))
+    if name == "bn_cnn":
+        return model.dense5(model.drop4(model.dense4(model.pool3_flat(x))))
+    return model.dense5(model.drop4(relu(model.dense4(model.pool3_flat(x)))))
+
+
+@pytest.mark.parametrize("name", ["cnn", "bn_cnn", "datacamp_dropout"])
+def test_relu_after_max_pool_trains_as_keras_order(name):
+    """cnn, bn_cnn and datacamp run their ReLUs after the max pooling (a quarter of the elements). In training mode
+    (dropout, BatchNorm batch statistics) the loss, every gradient and the BatchNorm running statistics are
+    bit-identical to Keras's order, ReLU then pool."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from torch_impl.models import build_model
+
+    port = build_model(name, seed=0).train()
+    keras = copy.deepcopy(port)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+    losses = []
+    for model, forward in ((port, port.forward), (keras, lambda t: _keras_order_forward(name, keras, t))):
+        torch.manual_seed(2)  # the same dropout masks: drawn in the same order, on tensors of the same shapes
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1]), f"{name}: loss {losses[0]} vs {losses[1]}"
+    keras_state = keras.state_dict()
+    for key, value in port.state_dict().items():
+        assert torch.equal(value, keras_state[key]), f"{name}: buffer/parameter {key} differs"
+    keras_params = dict(keras.named_parameters())
+    for key, p in port.named_parameters():
+        assert torch.equal(p.grad, keras_params[key].grad), f"{name}: gradient of {key} differs"

@@ -225,6 +225,31 @@ def test_max_pool_same_7_to_4_default_stride():
     assert_close(got[:, :, 3, 3].numpy(), x[:, :, 6, 6].numpy(), 0.0, "corner window of 7 -> 4 max pool")
 
 
+@pytest.mark.parametrize("size", [28, 7])
+def test_relu_after_max_pool_equals_keras_order_values_and_gradients(size):
+    """The port's `relu(maxpool(x))` (cnn, bn_cnn, datacamp, the vectorized ensemble) is Keras's `maxpool(relu(x))`
+    exactly: the same values and the same input gradient, with ties inside windows (the first maximum gets the
+    gradient in both), windows whose maximum is 0 or negative (no gradient in both), and the -inf 'same' padding."""
+    g = torch.Generator().manual_seed(0)
+    # few distinct levels: many windows hold tied maxima, zeros and all-negative values
+    x = (torch.randint(-3, 4, (4, 5, size, size), generator=g).double() / 2).contiguous(
+        memory_format=torch.channels_last)
+    grad_out = torch.randn(4, 5, math.ceil(size / 2), math.ceil(size / 2), generator=g, dtype=torch.float64)
+    pool = MaxPool2d(2, padding="same")
+    results = []
+    for forward in (lambda t: torch.relu(pool(t)), lambda t: pool(torch.relu(t))):
+        leaf = x.clone().requires_grad_(True)
+        out = forward(leaf)
+        out.backward(grad_out)
+        results.append((out.detach(), leaf.grad))
+    (port, port_grad), (keras, keras_grad) = results
+    assert (x == 0).any() and (keras == 0).any() and (port_grad != 0).any(), "the input must exercise every case"
+    assert torch.equal(port, keras)
+    assert torch.equal(port_grad, keras_grad), (port_grad - keras_grad).abs().max()
+    # why only the max pools are reordered: an average does not commute with the ReLU (the LeNets keep Keras's order)
+    assert not torch.equal(torch.relu(AvgPool2d(2, padding="same")(x)), AvgPool2d(2, padding="same")(torch.relu(x)))
+
+
 def test_avg_pool_valid_3s2_on_7():
     x = _pool_input(7)
     got = AvgPool2d(3, 2)(x)

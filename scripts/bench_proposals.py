@@ -11,10 +11,11 @@ hand-written loop / in Trainer.fit, as `parity bench` runs them) plus patches:
   step's large activations otherwise come back as fresh pages, thousands of page faults per step.
 - `channels_last`: the model's 4-D parameters (and hence its activations) in NHWC memory format: oneDNN's NCHW
   convolutions reorder on every call, and its NCHW weight gradient for a 1-channel input is slow.
-- `relu_after_pool`: `relu(maxpool(conv(x)))` instead of `maxpool(relu(conv(x)))` (identical values and gradients:
-  max commutes with the monotone relu, and the max is taken at the same position), ReLUs in place: the ReLU and its
-  backward run on a quarter of the elements.
-- `relu_inplace`: the ReLU after each convolution and Dense layer of `cnn` in place (`torch.relu_`), writing into
+- `relu_before_pool`: `maxpool(relu(conv(x)))`, Keras's order, instead of the port's `relu(maxpool(conv(x)))`
+  (identical values and gradients: the max commutes with the monotone ReLU and is taken at the same position; the
+  port's order runs the ReLU and its backward on a quarter of the elements), in `cnn`, `bn_cnn`, `datacamp*` and the
+  vectorized ensemble.
+- `relu_inplace`: Keras's order (as `relu_before_pool`) with `cnn`'s ReLUs in place (`torch.relu_`), writing into
   the convolution's output while it is still in cache instead of a fresh 10 MB tensor (same values and gradients:
   the convolution's backward does not need its output).
 - `foreach_adam`: KerasAdam's update with `torch._foreach_*` ops in the same operation order (bit-identical).
@@ -48,14 +49,16 @@ CONFIGS = {
     "current": ("eager", ()),
     "malloc": ("eager", ("malloc",)),
     "channels_last": ("eager", ("channels_last",)),
-    "relu_after_pool": ("eager", ("relu_after_pool",)),
+    "relu_before_pool": ("eager", ("relu_before_pool",)),
     "relu_inplace": ("eager", ("relu_inplace",)),
     "bare_relu_inplace": ("bare", ("relu_inplace",)),
+    "bare_relu_before_pool": ("bare", ("relu_before_pool",)),
+    "fit_relu_before_pool": ("fit", ("relu_before_pool",)),
     "foreach_adam": ("eager", ("foreach_adam",)),
     "dropout_bernoulli": ("eager", ("dropout_bernoulli",)),
     "fit_dropout_bernoulli": ("fit", ("dropout_bernoulli",)),
     "malloc_channels_last": ("eager", ("malloc", "channels_last")),
-    "all": ("eager", ("malloc", "channels_last", "relu_after_pool")),
+    "all": ("eager", ("malloc", "channels_last")),
     "bare": ("bare", ()),
     "fit": ("fit", ()),
     "fit_no_bar": ("fit", ("no_bar",)),
@@ -63,10 +66,10 @@ CONFIGS = {
     "fit_no_step_log": ("fit", ("no_step_log",)),
     "fit_manual": ("fit", ("manual",)),
     "fit_barebones": ("fit", ("barebones",)),
-    "bare_all": ("bare", ("malloc", "channels_last", "relu_after_pool")),
-    "fit_all": ("fit", ("malloc", "channels_last", "relu_after_pool")),
+    "bare_all": ("bare", ("malloc", "channels_last")),
+    "fit_all": ("fit", ("malloc", "channels_last")),
 }
-DEFAULT_CONFIGS = ("current", "malloc", "channels_last", "relu_after_pool", "all")
+DEFAULT_CONFIGS = ("current", "malloc", "channels_last", "relu_before_pool", "all")
 
 
 # ------------------------------------------------------------------------------------------------ the patches
@@ -79,32 +82,45 @@ def use_malloc_cache() -> None:
         raise RuntimeError("mallopt refused the thresholds (or PARITY_KEEP_FREED_MEMORY=0, or not glibc)")
 
 
-def relu_after_pool() -> None:
-    """Reorder `maxpool(relu(.))` into `relu_(maxpool(.))` in the models that have it; ReLUs in place."""
+def relu_before_pool() -> None:
+    """Put the ReLUs back before the max pooling, in Keras's order `maxpool(relu(.))`, in the models that pool
+    after a ReLU (the port runs `relu(maxpool(.))`: the same values and gradients)."""
     import torch
 
-    from torch_impl.models.bn_cnn import ConvBNRelu, DenseBNRelu
+    from torch_impl.models.bn_cnn import BNCNN
     from torch_impl.models.cnn import CNN
     from torch_impl.models.datacamp import DataCampCNN
+    from torch_impl.models.vectorized import VectorizedEnsemble
 
     def cnn_forward(self, x):
-        x = torch.relu_(self.pool1(self.conv1(x)))
-        x = torch.relu_(self.pool2(self.conv2(x)))
-        x = torch.relu_(self.pool3(self.conv3(x)))
-        x = self.drop4(torch.relu_(self.dense4(self.pool3_flat(x))))
+        x = self.pool1(torch.relu(self.conv1(x)))
+        x = self.pool2(torch.relu(self.conv2(x)))
+        x = self.pool3(torch.relu(self.conv3(x)))
+        x = self.drop4(torch.relu(self.dense4(self.pool3_flat(x))))
         return self.dense5(x)
 
     def datacamp_forward(self, x):
-        x = self._drop("drop1", torch.relu_(self.pool1(self.conv1(x))))
-        x = self._drop("drop2", torch.relu_(self.pool2(self.conv2(x))))
-        x = self._drop("drop3", torch.relu_(self.pool3(self.conv3(x))))
-        x = self._drop("drop4", torch.relu_(self.fc1(self.flatten(x))))
+        x = self._drop("drop1", self.pool1(torch.relu(self.conv1(x))))
+        x = self._drop("drop2", self.pool2(torch.relu(self.conv2(x))))
+        x = self._drop("drop3", self.pool3(torch.relu(self.conv3(x))))
+        x = self._drop("drop4", torch.relu(self.fc1(self.flatten(x))))
         return self.out(x)
 
-    CNN.forward, DataCampCNN.forward = cnn_forward, datacamp_forward
-    # bn_cnn's blocks end in the ReLU (the pool is outside them): in place only
-    ConvBNRelu.forward = lambda self, x: torch.relu_(self.bn(self.conv(x)))
-    DenseBNRelu.forward = lambda self, x: torch.relu_(self.bn(self.dense(x)))
+    def bn_cnn_forward(self, x):
+        x = self.pool1(torch.relu(self.conv1(x)))  # the blocks are built with relu=False
+        x = self.pool2(torch.relu(self.conv2(x)))
+        x = self.pool3(torch.relu(self.conv3(x)))
+        return self.dense5(self.drop4(self.dense4(self.pool3_flat(x))))
+
+    def vectorized_forward(self, x):
+        x = self.pool1(torch.relu(self.conv1(x)))
+        x = self.pool2(torch.relu(self.conv2(x)))
+        x = self.pool3(torch.relu(self.conv3(x)))
+        x = self.dense4(x.reshape(x.shape[0], self.num_members, -1).transpose(0, 1))
+        return self.dense5(self.drop4(torch.relu(x) if self._dense_relu else x))
+
+    CNN.forward, DataCampCNN.forward, BNCNN.forward = cnn_forward, datacamp_forward, bn_cnn_forward
+    VectorizedEnsemble.forward = vectorized_forward
 
 
 def relu_inplace() -> None:
@@ -198,8 +214,8 @@ def make_worker(setup: dict):
     patches = set(setup["patches"])
     if "malloc" in patches:
         use_malloc_cache()
-    if "relu_after_pool" in patches:
-        relu_after_pool()
+    if "relu_before_pool" in patches:
+        relu_before_pool()
     if "relu_inplace" in patches:
         relu_inplace()
     if "foreach_adam" in patches:

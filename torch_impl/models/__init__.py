@@ -37,13 +37,16 @@ assert set(_BUILDERS) == set(MODEL_NAMES), "every catalog model needs a PyTorch 
 # Keras folds an activation into its Conv2D / Dense layers; PyTorch applies it in `forward`. To compare
 # layer outputs one to one, `intermediate_outputs` applies these after the module of the same name.
 _RELU = {
-    "cnn": ("conv1", "conv2", "conv3", "dense4"),
+    # the ReLUs the forward applies after a catalog layer's module: after the dense / conv module (Keras has them
+    # inside the layer), and after the max pooling in the models that pool before their ReLU (Keras pools after it)
+    "cnn": ("conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "dense4"),
+    "bn_cnn": ("conv1", "pool1", "conv2", "pool2", "conv3", "pool3"),
     "residual_block": ("conv1", "conv2"),
     "convpool": ("conv1", "conv2", "conv3", "conv4", "dense1"),
     "lenet_a": ("conv1", "conv2", "conv3", "conv4", "conv5"),
     "lenet_d": ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "conv7", "conv8"),
     "inception_e": ("conv1", "conv4", "conv5"),
-    "datacamp": ("conv1", "conv2", "conv3", "fc1"),
+    "datacamp": ("conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "fc1"),
 }
 _RELU["lenet_b"] = _RELU["lenet_c"] = _RELU["lenet_a"]
 _RELU["datacamp_dropout"] = _RELU["datacamp"]

@@ -2,6 +2,10 @@
 
 [Conv3x3 'same' relu, MaxPool2 'same'] x (32, 64, 128) -> Flatten -> Dense 256 relu -> Dropout 0.4 -> Dense 10.
 Returns logits. One class serves all three Keras styles: in PyTorch there is only one way to write it.
+
+The ReLU runs after the max pooling, on a quarter of the elements: `relu(maxpool(x))` equals `maxpool(relu(x))`
+value for value and gradient for gradient (the max commutes with a monotone function and is taken at the same
+position), and eager PyTorch, unlike TF's graph, cannot fuse the ReLU into the convolution (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ class CNN(nn.Module):
         keras_init_(self)  # Keras defaults: glorot_uniform kernels, zero biases
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, 10) logits
-        x = self.pool1(torch.relu(self.conv1(x)))  # (B, 32, 14, 14)
-        x = self.pool2(torch.relu(self.conv2(x)))  # (B, 64, 7, 7)
-        x = self.pool3(torch.relu(self.conv3(x)))  # (B, 128, 4, 4)
+        # Keras: pool(relu(conv(x))); the same values and gradients, the ReLU on 4x fewer elements
+        x = torch.relu(self.pool1(self.conv1(x)))  # (B, 32, 14, 14)
+        x = torch.relu(self.pool2(self.conv2(x)))  # (B, 64, 7, 7)
+        x = torch.relu(self.pool3(self.conv3(x)))  # (B, 128, 4, 4)
         x = self.pool3_flat(x)  # (B, 2048)
         x = self.drop4(torch.relu(self.dense4(x)))
         return self.dense5(x)
