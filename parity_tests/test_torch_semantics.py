@@ -15,6 +15,7 @@ import torch
 # Loaded before TensorFlow on purpose: torch optimizers load torch._dynamo (and with it libtriton)
 # lazily, and libtriton segfaults when it is first loaded into a process that already holds TensorFlow.
 import torch._dynamo
+import torch.nn.functional as F
 from torch import nn
 
 from torch_impl.init import (
@@ -33,6 +34,8 @@ from torch_impl.layers import (
     Dropout,
     LocalResponseNorm,
     MaxPool2d,
+    _native_max_pool_padding,
+    _same_pads_2d,
     nhwc_flatten_permutation,
     tf_same_padding,
 )
@@ -215,6 +218,29 @@ def test_avg_pool_same_matches_direct(size, kernel, stride):
     got = AvgPool2d(kernel, stride, padding="same")(x).numpy()
     expected = np_pool_same(x.numpy(), kernel, stride, np.mean)
     assert_close(got, expected, 1e-12, f"avg pool same k={kernel} s={stride} on {size}")
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride"), SAME_POOL_CASES + [(28, 2, 2), (14, 3, 1), (28, 3, 1), (4, 2, 3)])
+def test_max_pool_same_without_a_padded_copy_matches_the_padded_pool(size, kernel, stride):
+    """Where `F.max_pool2d`'s own padding / ceil mode gives TF's 'same' windows (7 -> 4 at 2x2/2, 3x3/1), MaxPool2d
+    uses it instead of copying the input into a -inf padded tensor: the same values and input gradients, ties
+    included (the first maximum of a window gets the gradient)."""
+    g = torch.Generator().manual_seed(size * 100 + kernel * 10 + stride)
+    x = torch.randint(-3, 4, (2, 3, size, size), generator=g).double()  # few levels: many tied maxima
+    pool = MaxPool2d(kernel, stride, padding="same")
+    native = _native_max_pool_padding(x.shape[-2:], pool.kernel_size, pool.stride,
+                                      _same_pads_2d(size, size, pool.kernel_size, pool.stride))
+    outs = []
+    for forward in (pool, lambda t: F.max_pool2d(F.pad(t, _same_pads_2d(size, size, pool.kernel_size, pool.stride),
+                                                       value=-math.inf), kernel, stride)):
+        leaf = x.clone().requires_grad_(True)
+        out = forward(leaf)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape))
+        outs.append((out.detach(), leaf.grad))
+    assert outs[0][0].shape[-1] == math.ceil(size / stride)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    if (size, kernel, stride) in ((7, 2, 2), (14, 3, 1), (28, 3, 1), (9, 2, 2)):  # the models' cases take the fast path
+        assert native is not None, f"{size} {kernel}/{stride}: expected torch's own padding to serve"
 
 
 def test_max_pool_same_7_to_4_default_stride():

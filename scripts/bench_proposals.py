@@ -15,6 +15,9 @@ hand-written loop / in Trainer.fit, as `parity bench` runs them) plus patches:
   (identical values and gradients: the max commutes with the monotone ReLU and is taken at the same position; the
   port's order runs the ReLU and its backward on a quarter of the elements), in `cnn`, `bn_cnn`, `datacamp*` and the
   vectorized ensemble.
+- `padded_max_pool`: `torch_impl.layers.MaxPool2d(padding="same")` copies its input into a -inf padded tensor for
+  every pool that pads (7 -> 4 in `cnn`, `bn_cnn`, `datacamp*`; the 3x3/1 pool of `inception_e`), as it did before it
+  used `F.max_pool2d`'s own padding and ceil mode for the same windows.
 - `relu_inplace`: Keras's order (as `relu_before_pool`) with `cnn`'s ReLUs in place (`torch.relu_`), writing into
   the convolution's output while it is still in cache instead of a fresh 10 MB tensor (same values and gradients:
   the convolution's backward does not need its output).
@@ -54,6 +57,7 @@ CONFIGS = {
     "bare_relu_inplace": ("bare", ("relu_inplace",)),
     "bare_relu_before_pool": ("bare", ("relu_before_pool",)),
     "fit_relu_before_pool": ("fit", ("relu_before_pool",)),
+    "fit_padded_max_pool": ("fit", ("padded_max_pool",)),
     "foreach_adam": ("eager", ("foreach_adam",)),
     "dropout_bernoulli": ("eager", ("dropout_bernoulli",)),
     "fit_dropout_bernoulli": ("fit", ("dropout_bernoulli",)),
@@ -121,6 +125,24 @@ def relu_before_pool() -> None:
 
     CNN.forward, DataCampCNN.forward, BNCNN.forward = cnn_forward, datacamp_forward, bn_cnn_forward
     VectorizedEnsemble.forward = vectorized_forward
+
+
+def padded_max_pool() -> None:
+    """MaxPool2d's 'same' padding as an explicit -inf padded copy, for every pool that pads."""
+    import math
+
+    import torch.nn.functional as F
+
+    from torch_impl import layers
+
+    def forward(self, x):
+        if self.padding == "same":
+            pads = layers._same_pads_2d(x.shape[-2], x.shape[-1], self.kernel_size, self.stride)
+            if any(pads):
+                x = F.pad(x, pads, value=-math.inf)
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+    layers.MaxPool2d.forward = forward
 
 
 def relu_inplace() -> None:
@@ -216,6 +238,8 @@ def make_worker(setup: dict):
         use_malloc_cache()
     if "relu_before_pool" in patches:
         relu_before_pool()
+    if "padded_max_pool" in patches:
+        padded_max_pool()
     if "relu_inplace" in patches:
         relu_inplace()
     if "foreach_adam" in patches:

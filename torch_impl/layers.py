@@ -7,6 +7,7 @@ behaviour the tutorials rely on; each class says what differs and why.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -108,10 +109,42 @@ class MaxPool2d(_Pool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == "same":
             pads = _same_pads_2d(x.shape[-2], x.shape[-1], self.kernel_size, self.stride)
-            if any(pads):  # (28 -> 14 needs none: F.pad would only copy the largest activation, both ways)
+            if any(pads):  # (28 -> 14 needs none)
+                native = _native_max_pool_padding(x.shape[-2:], self.kernel_size, self.stride, pads)
+                if native is not None:  # the same windows without a padded copy of the input (and of its grad)
+                    padding, ceil_mode = native
+                    return F.max_pool2d(x, self.kernel_size, self.stride, padding, ceil_mode=ceil_mode)
                 # -inf padding so that only real pixels can be the maximum, as in TF.
                 x = F.pad(x, pads, value=-math.inf)
         return F.max_pool2d(x, self.kernel_size, self.stride)
+
+
+def _native_max_pool_padding(
+    size: Sequence[int], kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, ...]
+) -> tuple[tuple[int, int], bool] | None:
+    """`F.max_pool2d`'s own (padding, ceil_mode) that gives TF's 'same' windows, or None where none does.
+
+    `F.max_pool2d` pads implicitly with -inf, symmetrically, at most half a kernel, and in ceil mode lets the last
+    window run past the bottom/right edge; TF's window i starts at i * stride - pad_before in both, so the two agree
+    where the padding before is torch's and the number of windows is TF's (e.g. 7 -> 4 with a 2x2/2 window:
+    padding 0, ceil mode; a 3x3/1 window: padding 1).
+    """
+    left, _, top, _ = pads
+    before = (top, left)
+    if any(p > k // 2 for p, k in zip(before, kernel)):
+        return None
+    wanted = [-(-length // s) for length, s in zip(size, stride)]  # TF 'same': ceil(size / stride) windows
+    for ceil_mode in (False, True):
+        got = []
+        for length, k, s, p in zip(size, kernel, stride, before):
+            span = length + 2 * p - k
+            out = (-(-span // s) if ceil_mode else span // s) + 1
+            if ceil_mode and (out - 1) * s >= length + p:  # torch drops a last window that starts in the padding
+                out -= 1
+            got.append(out)
+        if got == wanted:
+            return before, ceil_mode
+    return None
 
 
 class AvgPool2d(_Pool2d):
