@@ -427,6 +427,41 @@ def test_batchnorm_under_autocast_computes_its_statistics_in_float32(half):
     assert bn.running_mean.dtype == torch.float32
 
 
+@pytest.mark.parametrize(("layer", "shape"), [(BatchNorm2d, (6, 4, 5, 7)), (BatchNorm1d, (9, 4)),
+                                               (BatchNorm1d, (5, 4, 3))])
+def test_batchnorm_fused_training_path_equals_the_keras_formula(layer, shape):
+    """In training mode the layers run torch's fused `F.batch_norm` and recover the biased variance from its
+    unbiased running update; the synchronized layers of `torch_impl.distributed` keep the elementwise formula
+    (`_moments`, reduced over processes). In float64 both give the same output, input and affine gradients, and
+    moving statistics over several steps (1e-12), channels_last included."""
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(shape, generator=g, dtype=torch.float64) * (1 + i) + i for i in range(3)]
+    if len(shape) == 4:
+        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    fused, formula = layer(4, dtype=torch.float64), layer(4, dtype=torch.float64)
+    with torch.no_grad():
+        for bn in (fused, formula):
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+            bn.bias.copy_(torch.linspace(-1, 1, 4, dtype=torch.float64))
+    formula._local_statistics = lambda: False  # as a synchronized layer under several processes
+    calls = []
+    fused._fused_training_forward = lambda *a, f=fused._fused_training_forward: calls.append(1) or f(*a)
+    for x in batches:
+        grads = []
+        for bn in (fused, formula):
+            leaf = x.clone().requires_grad_(True)
+            out = bn(leaf)
+            (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin()).sum().backward()
+            grads.append((out.detach(), leaf.grad))
+        assert_close(grads[0][0].numpy(), grads[1][0].numpy(), 1e-12, "fused vs formula output")
+        assert_close(grads[0][1].numpy(), grads[1][1].numpy(), 1e-12, "fused vs formula input gradient")
+    assert len(calls) == len(batches), "the fused path was not taken"
+    for name in ("weight", "bias"):
+        assert_close(getattr(fused, name).grad.numpy(), getattr(formula, name).grad.numpy(), 1e-12, f"{name} grad")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(getattr(fused, name).numpy(), getattr(formula, name).numpy(), 1e-12, name)
+
+
 def test_batchnorm_gradients_flow():
     bn = _torch_bn2d(torch.float64)
     x = torch.from_numpy(_bn_batches()[0]).requires_grad_()

@@ -18,6 +18,9 @@ hand-written loop / in Trainer.fit, as `parity bench` runs them) plus patches:
 - `padded_max_pool`: `torch_impl.layers.MaxPool2d(padding="same")` copies its input into a -inf padded tensor for
   every pool that pads (7 -> 4 in `cnn`, `bn_cnn`, `datacamp*`; the 3x3/1 pool of `inception_e`), as it did before it
   used `F.max_pool2d`'s own padding and ceil mode for the same windows.
+- `batchnorm_formula`: the Keras BatchNorm layers in training mode computed with Keras's elementwise formula
+  (`tf.nn.moments`, then `x * inv + (beta - mean * inv)`: about a dozen passes forward and backward) instead of
+  torch's fused `F.batch_norm`, as they were before (`bn_cnn`, its ensembles).
 - `relu_inplace`: Keras's order (as `relu_before_pool`) with `cnn`'s ReLUs in place (`torch.relu_`), writing into
   the convolution's output while it is still in cache instead of a fresh 10 MB tensor (same values and gradients:
   the convolution's backward does not need its output).
@@ -58,6 +61,7 @@ CONFIGS = {
     "bare_relu_before_pool": ("bare", ("relu_before_pool",)),
     "fit_relu_before_pool": ("fit", ("relu_before_pool",)),
     "fit_padded_max_pool": ("fit", ("padded_max_pool",)),
+    "fit_batchnorm_formula": ("fit", ("batchnorm_formula",)),
     "foreach_adam": ("eager", ("foreach_adam",)),
     "dropout_bernoulli": ("eager", ("dropout_bernoulli",)),
     "fit_dropout_bernoulli": ("fit", ("dropout_bernoulli",)),
@@ -143,6 +147,13 @@ def padded_max_pool() -> None:
         return F.max_pool2d(x, self.kernel_size, self.stride)
 
     layers.MaxPool2d.forward = forward
+
+
+def batchnorm_formula() -> None:
+    """The Keras BatchNorm layers' training mode through their elementwise formula (`_moments`), not F.batch_norm."""
+    from torch_impl.layers import _KerasBatchNorm
+
+    _KerasBatchNorm._local_statistics = lambda self: False
 
 
 def relu_inplace() -> None:
@@ -240,6 +251,8 @@ def make_worker(setup: dict):
         relu_before_pool()
     if "padded_max_pool" in patches:
         padded_max_pool()
+    if "batchnorm_formula" in patches:
+        batchnorm_formula()
     if "relu_inplace" in patches:
         relu_inplace()
     if "foreach_adam" in patches:

@@ -26,8 +26,11 @@ class _SyncMixin:
     """Batch moments over the whole global batch: every rank's sums are all-reduced (differentiably, so the
     gradient also flows to the other ranks' inputs, as it would through one big batch)."""
 
+    def _local_statistics(self) -> bool:
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+
     def _moments(self, x: torch.Tensor, dims: list[int], shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if self._local_statistics():
             return super()._moments(x, dims, shape)
         from torch.distributed.nn.functional import all_reduce
 
