@@ -462,6 +462,26 @@ def test_batchnorm_fused_training_path_equals_the_keras_formula(layer, shape):
         assert_close(getattr(fused, name).numpy(), getattr(formula, name).numpy(), 1e-12, name)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_batchnorm_held_in_16_bits_trains_through_the_fused_path(half):
+    """A module converted to 16 bits (Lightning's `bf16-true`): parameters, buffers and input all in `half`. The fused
+    path computes in float32 with the parameters cast to it, as the formula does, and agrees with the formula to
+    the 16-bit rounding of the output and buffers (8 significant bits in bfloat16, 11 in float16: rtol 1e-2)."""
+    g = torch.Generator().manual_seed(6)
+    fused, formula = BatchNorm2d(4).to(half), BatchNorm2d(4).to(half)
+    formula._local_statistics = lambda: False
+    for _ in range(2):
+        x = (torch.randn(3, 4, 5, 5, generator=g) * 3 + 1).to(half)
+        outs = [bn(x.clone().requires_grad_(True)) for bn in (fused, formula)]
+        assert outs[0].dtype == half
+        torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=1e-2, atol=1e-2)
+        outs[0].float().sum().backward()
+    assert fused.weight.grad is not None and fused.weight.grad.dtype == half
+    assert fused.running_var.dtype == half
+    torch.testing.assert_close(fused.running_var.float(), formula.running_var.float(), rtol=1e-2, atol=1e-2)
+    assert not torch.equal(fused.running_var, torch.ones_like(fused.running_var)), "the moving variance must move"
+
+
 def test_batchnorm_gradients_flow():
     bn = _torch_bn2d(torch.float64)
     x = torch.from_numpy(_bn_batches()[0]).requires_grad_()

@@ -281,8 +281,13 @@ class _KerasBatchNorm(nn.modules.batchnorm._BatchNorm):
         unbiased variance: it writes them into zeroed scratch buffers at momentum 1, and the biased variance is
         that times (n - 1) / n. Its output rounds differently from `x * inv + (beta - mean * inv)` (float32: within
         about 1e-7 of each other; test_torch_semantics::test_batchnorm2d_matches_keras holds both paths to Keras)."""
-        batch_mean, batch_var = torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)
-        out = F.batch_norm(x, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps)
+        # x is float32 or float64 here; a module held in 16 bits (bf16-true) joins it in x's dtype, as the formula does
+        weight, bias = self.weight, self.bias
+        if weight is not None and weight.dtype != x.dtype:
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        batch_mean = torch.zeros(self.num_features, dtype=x.dtype, device=x.device)
+        batch_var = torch.zeros(self.num_features, dtype=x.dtype, device=x.device)
+        out = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, self.eps)
         with torch.no_grad():
             keep = 1.0 - self.momentum
             self.running_mean.copy_(self.running_mean * keep + batch_mean * (1.0 - keep))
