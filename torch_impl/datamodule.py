@@ -136,7 +136,9 @@ class MNISTDataModule(L.LightningDataModule):
         limit_train: keep only the first N training images (before augmentation; smoke runs).
         seed: seeds the training set's shuffle order and the pre-generated augmentation (None: 0; under the
             LightningCLI, `seed_everything`, so that each seed of a run also draws its own data order).
-        eval_batch_size: batch size for validation and test.
+        eval_batch_size: batch size for validation and test. 250: at 1,000 the evaluation of `convpool` (a
+            1,000 x 64 x 28 x 28 float32 activation is 200 MB) raised its recipe's peak memory from 1.0 GB to
+            1.3-2.1 GB (BENCHMARKS.md, "Memory").
         num_workers: DataLoader worker processes (0: batches are one indexing op in the main process, which is
             fastest for in-memory arrays).
         data_on_device: keep the uint8 datasets on the training device (each process's own under DDP). None (auto):
@@ -147,7 +149,7 @@ class MNISTDataModule(L.LightningDataModule):
     def __init__(self, dataset: str = "mnist", split: str = "full", batch_size: int = 100, scale: float = 255.0,
                  shuffle: bool = True, drop_last: bool = False, augment: str | None = None,
                  shift_low: int = -2, shift_high: int = 2, data_dir: str | None = None,
-                 limit_train: int | None = None, seed: int | None = None, eval_batch_size: int = 1000,
+                 limit_train: int | None = None, seed: int | None = None, eval_batch_size: int = 250,
                  num_workers: int = 0, data_on_device: bool | None = None):
         super().__init__()
         if augment not in (None, "tut001", "tut001_online"):
