@@ -82,7 +82,7 @@ def test_ranks_split_each_global_batch_of_one_process(shuffle, drop_last):
 
 
 def test_evaluation_batches_split_across_any_process_count():
-    """The evaluation batch (1000) need not divide by the process count (3 here, e.g. 6 or 16 GPUs): each image is
+    """An evaluation batch (1000 here) need not divide by the process count (3 here, e.g. 6 or 16 GPUs): each image is
     evaluated once by exactly one rank; the training batch keeps its rule."""
     from types import SimpleNamespace
 
@@ -90,7 +90,7 @@ def test_evaluation_batches_split_across_any_process_count():
 
     loaders = []
     for rank in range(3):
-        dm = MNISTDataModule(batch_size=99, limit_train=300)
+        dm = MNISTDataModule(batch_size=99, limit_train=300, eval_batch_size=1000)
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=3, training=False,
                                      strategy=SimpleNamespace(root_device=torch.device("cpu")))
         dm.setup("fit")
