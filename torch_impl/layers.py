@@ -260,12 +260,7 @@ class _KerasBatchNorm(nn.modules.batchnorm._BatchNorm):
             return self._fused_training_forward(x, count).to(in_dtype)
         if self.training:
             mean, var = self._moments(x, [0, *range(2, x.dim())], shape)
-            with torch.no_grad():
-                # Keras updates the moving variance with the biased variance; PyTorch uses the unbiased one.
-                keep = 1.0 - self.momentum
-                self.running_mean.copy_(self.running_mean * keep + mean * (1.0 - keep))
-                self.running_var.copy_(self.running_var * keep + var * (1.0 - keep))
-                self.num_batches_tracked.add_(1)
+            self._update_moving(mean, var)
         else:
             mean, var = self.running_mean, self.running_var
         # Same operation order as tf.nn.batch_normalization: x * inv + (beta - mean * inv).
@@ -288,12 +283,16 @@ class _KerasBatchNorm(nn.modules.batchnorm._BatchNorm):
         batch_mean = torch.zeros(self.num_features, dtype=x.dtype, device=x.device)
         batch_var = torch.zeros(self.num_features, dtype=x.dtype, device=x.device)
         out = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, self.eps)
-        with torch.no_grad():
-            keep = 1.0 - self.momentum
-            self.running_mean.copy_(self.running_mean * keep + batch_mean * (1.0 - keep))
-            self.running_var.copy_(self.running_var * keep + batch_var * ((count - 1) / count) * (1.0 - keep))
-            self.num_batches_tracked.add_(1)
+        self._update_moving(batch_mean, batch_var * ((count - 1) / count))
         return out
+
+    @torch.no_grad()
+    def _update_moving(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Keras's moving averages from the batch mean and biased variance (PyTorch would use the unbiased one)."""
+        keep = 1.0 - self.momentum
+        self.running_mean.copy_(self.running_mean * keep + mean * (1.0 - keep))
+        self.running_var.copy_(self.running_var * keep + var * (1.0 - keep))
+        self.num_batches_tracked.add_(1)
 
 
 class BatchNorm2d(_KerasBatchNorm):
