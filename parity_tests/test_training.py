@@ -339,17 +339,103 @@ def _saved(obj):
     return buffer
 
 
-def test_tf_fit_run_resumes(tf, tmp_path):
+def test_tf_fit_run_resumes(tf, tmp_path, monkeypatch):
     """Tutorial 003's `model.fit` recipe resumes from its last epoch, as the GradientTape loops do."""
     from tf_ref.train import train
 
+    import tf_ref.train
+
+    datasets = []
+
+    def recorded(*args, **kwargs):  # the order of the resumed epoch must follow from its number (fit_dataset)
+        datasets.append({k: kwargs[k] for k in ("seed", "epochs", "initial_epoch")})
+        return fit_dataset(*args, **kwargs)
+
+    fit_dataset = tf_ref.train.fit_dataset
+    monkeypatch.setattr(tf_ref.train, "fit_dataset", recorded)
     recipe = recipe_for("lenet_a").replace(epochs=1)
-    train("lenet_a", recipe, out=tmp_path, progress=False, limit_train=64)
-    history = train("lenet_a", recipe.replace(epochs=2), out=tmp_path, progress=False, limit_train=64, resume=True)
+    train("lenet_a", recipe, out=tmp_path, progress=False, limit_train=64, seed=5)
+    history = train("lenet_a", recipe.replace(epochs=2), out=tmp_path, progress=False, limit_train=64, seed=5,
+                    resume=True)
     assert [row["epoch"] for row in history["epochs"]] == [1, 2], history["epochs"]
+    assert datasets == [{"seed": 5, "epochs": 1, "initial_epoch": 0}, {"seed": 5, "epochs": 2, "initial_epoch": 1}]
     # train_seconds covers both processes: at least every epoch's recorded seconds
     assert history["train_seconds"] >= sum(row["seconds"] for row in history["epochs"]) - 1e-6
     assert "test_acc" in history
+
+
+def _fit_orders(fit) -> list[list[int]]:
+    """The order in which `fit(model)` feeds training examples 0..9 (the input is the example's index), one list per
+    epoch: a first layer records every batch it sees in training."""
+    import keras
+    import tensorflow as tf
+
+    batches = []
+
+    def record(x):
+        batches.append(x.numpy().ravel().astype(int).tolist())
+        return x
+
+    class Record(keras.layers.Layer):
+        def call(self, x, training=False):
+            if not training:
+                return x
+            y = tf.py_function(record, [x], tf.float32)
+            y.set_shape(x.shape)
+            return y
+
+    inputs = keras.Input((1,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(Record()(inputs)))
+    model.compile(optimizer="rmsprop", loss="mse")
+    fit(model)
+    orders, epoch = [], []
+    for batch in batches:
+        epoch += batch
+        if len(epoch) == 10:
+            orders.append(epoch)
+            epoch = []
+    assert not epoch, batches
+    return orders
+
+
+def test_keras_fit_on_arrays_replays_one_order_once_a_seed_is_set(tf):
+    """Why tutorial 003's recipe does not call `model.fit(x, y, shuffle=True)` (`tf_ref.train.fit_dataset`): with a
+    global seed set, Keras draws the same permutation for every epoch. If this test fails, Keras reshuffles seeded
+    runs now and `fit_dataset` could go."""
+    import keras
+
+    x = np.arange(10, dtype="float32")[:, None]
+    keras.utils.set_random_seed(0)
+    orders = _fit_orders(lambda model: model.fit(x, x, batch_size=4, epochs=3, shuffle=True, verbose=0))
+    assert sorted(orders[0]) == list(range(10)) and orders[0] != list(range(10))
+    assert orders[1] == orders[0] and orders[2] == orders[0]
+
+
+def test_tf_fit_reshuffles_every_epoch_reproducibly_and_resumes_in_order(tf):
+    """`fit_dataset` under `model.fit`: every epoch a new permutation of the whole set, in batches of 4, 4 and 2 as
+    Keras cuts them; the same orders for the same seed; a run resumed at epoch 3 sees epoch 3 and 4's orders."""
+    import keras
+
+    from tf_ref.train import fit_dataset
+
+    x = np.arange(10, dtype="float32")[:, None]
+
+    def fit(seed, initial_epoch=0):
+        def run(model):
+            dataset, steps = fit_dataset(x, x, 4, seed=seed, epochs=4, initial_epoch=initial_epoch)
+            assert steps == 3
+            model.fit(dataset, steps_per_epoch=steps, epochs=4, initial_epoch=initial_epoch, verbose=0, shuffle=False)
+        keras.utils.set_random_seed(0)  # as `tf_ref.train.train` does: the case where Keras's own shuffle replays
+        return _fit_orders(run)
+
+    orders = fit(seed=3)
+    assert len(orders) == 4 and all(sorted(order) == list(range(10)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 4, orders
+    assert fit(seed=3) == orders
+    assert fit(seed=4) != orders
+    assert fit(seed=3, initial_epoch=2) == orders[2:]
+    unshuffled, _ = fit_dataset(x, x, 4, seed=3, epochs=1, shuffle=False)
+    assert [b[0].numpy().ravel().tolist() for b in unshuffled] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_tf_early_stopping_survives_a_resume(tf, tmp_path):

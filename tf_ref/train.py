@@ -37,6 +37,36 @@ def prepare(x: np.ndarray, scale: float) -> np.ndarray:
     return (x.astype(np.float32) / np.float32(scale))[..., None]
 
 
+def fit_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epochs: int, initial_epoch: int = 0,
+                shuffle: bool = True) -> tuple[tf.data.Dataset, int]:
+    """The training set for `model.fit`, epochs `initial_epoch`..`epochs - 1` in one dataset; returns it and the
+    steps per epoch (pass both: `model.fit(dataset, steps_per_epoch=steps, ...)`).
+
+    Epoch e is ordered by a stateless shuffle keyed by (seed, e): a new order every epoch, the same in every run of
+    the seed, and the same after a resume. Why not `model.fit(x, y, shuffle=True)`, as tutorial 003 wrote it: Keras
+    draws each epoch's permutation with a stateful `tf.random.shuffle` inside a `tf.data` map that it instantiates
+    again for every epoch. Once a global seed is set (`keras.utils.set_random_seed`, which a reproducible run needs),
+    that op starts from the same seed each time and **every epoch replays the first epoch's order**. The unseeded
+    tutorial reshuffles. Batches are as Keras cuts them: in order, the last one partial.
+    """
+    n = len(x)
+    if len(y) != n:
+        raise ValueError(f"{n} images but {len(y)} labels")
+
+    def epoch_batches(epoch):
+        indices = tf.range(n, dtype=tf.int64)
+        if shuffle:
+            key = tf.stack([tf.constant(seed, tf.int64), epoch])
+            indices = tf.random.experimental.stateless_shuffle(indices, seed=key)
+        return tf.data.Dataset.from_tensor_slices(indices).batch(batch_size)
+
+    index_batches = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)
+    arrays = tf.data.Dataset.from_tensors((x, y)).repeat()
+    dataset = tf.data.Dataset.zip((index_batches, arrays)).map(
+        lambda i, xy: (tf.gather(xy[0], i), tf.gather(xy[1], i)), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE), -(-n // batch_size)
+
+
 def make_optimizer(recipe: Recipe, steps_per_epoch: int):
     if recipe.optimizer == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate=recipe.lr, rho=0.9, epsilon=recipe.epsilon)
@@ -341,9 +371,11 @@ def _train_fit(model_name, recipe, split, x_train, y_train, directory: Path, his
     ]
     (directory / "checkpoints").mkdir(exist_ok=True)
     started = time.perf_counter()
-    model.fit(prepare(x_train, recipe.scale), y_train.astype(np.int64), batch_size=recipe.batch_size,
-              epochs=recipe.epochs, initial_epoch=initial_epoch, validation_data=(x_val, y_val), callbacks=callbacks,
-              verbose=1 if progress else 0, shuffle=recipe.shuffle)
+    dataset, steps = fit_dataset(prepare(x_train, recipe.scale), y_train.astype(np.int64), recipe.batch_size,
+                                 seed=seed, epochs=recipe.epochs, initial_epoch=initial_epoch, shuffle=recipe.shuffle)
+    model.fit(dataset, steps_per_epoch=steps, epochs=recipe.epochs, initial_epoch=initial_epoch,
+              validation_data=(x_val, y_val), validation_batch_size=recipe.batch_size, callbacks=callbacks,
+              verbose=1 if progress else 0, shuffle=False)  # the dataset shuffles (fit_dataset)
     test_loss, test_acc = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
     model.save(directory / "checkpoints" / "best.keras")
     history.finish(test_loss=test_loss, test_acc=test_acc, train_seconds=time.perf_counter() - started)
