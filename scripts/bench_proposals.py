@@ -240,27 +240,27 @@ def no_step_log() -> None:
     ClassifierModule._log_train = log_train
 
 
+# patches that change the process before the worker is built (the others act on the built worker, below)
+PROCESS_PATCHES = {
+    "malloc": use_malloc_cache,
+    "relu_before_pool": relu_before_pool,
+    "padded_max_pool": padded_max_pool,
+    "batchnorm_formula": batchnorm_formula,
+    "relu_inplace": relu_inplace,
+    "foreach_adam": foreach_adam,
+    "no_step_log": no_step_log,
+    "dropout_bernoulli": dropout_bernoulli,
+}
+
+
 def make_worker(setup: dict):
     """`parity bench`'s worker for the base variant, with the configuration's patches applied around it."""
     import torch
 
     patches = set(setup["patches"])
-    if "malloc" in patches:
-        use_malloc_cache()
-    if "relu_before_pool" in patches:
-        relu_before_pool()
-    if "padded_max_pool" in patches:
-        padded_max_pool()
-    if "batchnorm_formula" in patches:
-        batchnorm_formula()
-    if "relu_inplace" in patches:
-        relu_inplace()
-    if "foreach_adam" in patches:
-        foreach_adam()
-    if "no_step_log" in patches:
-        no_step_log()
-    if "dropout_bernoulli" in patches:
-        dropout_bernoulli()
+    for name, patch in PROCESS_PATCHES.items():  # in this order
+        if name in patches:
+            patch()
     cell = dict(setup["cell"])
     if cell["variant"] == "eager" and "channels_last" in patches:
         cell["variant"] = "channels_last"
