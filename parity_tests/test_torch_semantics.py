@@ -350,6 +350,45 @@ def test_lrn_matches_tf(tf, params):
     assert_close(LocalResponseNorm(**params)(x).numpy(), nhwc_to_nchw(want), 1e-6, f"LRN vs TF {params}")
 
 
+@pytest.mark.tf
+@pytest.mark.parametrize("scale", [1.0, 1000.0, 5000.0])
+def test_float32_lrn_at_raw_pixel_magnitudes_is_float64_lrn_in_both_frameworks(tf, scale):
+    """Tutorial 003 feeds 0-255 pixels, so its LRN layers see activations in the hundreds to thousands, where
+    alpha * sum(x^2) dominates the bias. TF's float32 kernel inside a `tf.function` (where oneDNN may rewrite it)
+    and the port's layer both stay within 1e-6 (relative to the largest value) of the float64 LRN, forward and
+    gradient: neither framework's float32 LRN drifts at these magnitudes."""
+    params = LRN_CASES[0]
+    g = np_rng(6)
+    x = np.maximum(g.normal(size=(8, 8, 7, 7)) * scale, 0).astype(np.float32)  # NCHW, ReLU'd as after the pools
+    upstream = g.normal(size=x.shape).astype(np.float32)
+
+    x64 = torch.from_numpy(x).double().requires_grad_()
+    LocalResponseNorm(**params)(x64).backward(torch.from_numpy(upstream).double())
+    want_out, want_grad = np_lrn(x, **params), x64.grad.numpy()
+
+    x32 = torch.from_numpy(x).requires_grad_()
+    out32 = LocalResponseNorm(**params)(x32)
+    out32.backward(torch.from_numpy(upstream))
+
+    @tf.function
+    def tf_lrn(inputs, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            out = tf.nn.local_response_normalization(inputs, **params)
+        return out, tape.gradient(out, inputs, output_gradients=dy)
+
+    tf_out, tf_grad = tf_lrn(tf.constant(nchw_to_nhwc(torch.from_numpy(x))), tf.constant(nchw_to_nhwc(
+        torch.from_numpy(upstream))))
+
+    def rel(got, want):
+        return float(np.abs(got - want).max() / np.abs(want).max())
+
+    errors = {"torch forward": rel(out32.detach().numpy(), want_out),
+              "torch gradient": rel(x32.grad.numpy(), want_grad),
+              "TF forward": rel(nhwc_to_nchw(tf_out), want_out), "TF gradient": rel(nhwc_to_nchw(tf_grad), want_grad)}
+    assert max(errors.values()) < 1e-6, errors
+
+
 # ----------------------------------------------------------------------------------------------
 # batch normalization
 
