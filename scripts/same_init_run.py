@@ -18,8 +18,9 @@ import torch_impl.lightning_module  # noqa: F401  (Lightning and its libraries l
 from parity.catalog import recipe_for
 from parity.data import load_arrays
 from parity.interchange import torch_to_tf
+from torch_impl.datamodule import GlobalBatchSampler
+from torch_impl.lightning_module import build_optimizer
 from torch_impl.models import build_model, model_logits
-from torch_impl.optim import KerasRMSprop
 from torch_impl.weights import get_weights
 
 
@@ -38,19 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     from tf_ref.models import build_model as build_tf
+    from tf_ref.train import make_optimizer
     from tf_ref.weights import set_weights as tf_set
 
     data = load_arrays("mnist")
     x = (data["x_train"].astype(np.float32) / np.float32(recipe.scale))
     y = data["y_train"].astype(np.int64)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed)).numpy()  # seed + epoch 0
     batch = recipe.batch_size
+    batches = list(GlobalBatchSampler(len(x), batch, shuffle=True, seed=args.seed))  # the run's first epoch
+    if args.steps > len(batches):
+        parser.error(f"--steps {args.steps}: the first epoch has {len(batches)} batches")
 
     model = build_model(args.model, seed=args.seed)
     keras_model = build_tf(args.model, seed=0)
     tf_set(keras_model, torch_to_tf(args.model, get_weights(model)))
-    optimizer = KerasRMSprop(model.parameters(), lr=recipe.lr, epsilon=recipe.epsilon)
-    keras_optimizer = keras.optimizers.RMSprop(recipe.lr, rho=0.9, epsilon=recipe.epsilon)
+    optimizer = build_optimizer(model.parameters(), recipe.optimizer, recipe.lr, recipe.epsilon)
+    keras_optimizer = make_optimizer(recipe, steps_per_epoch=len(batches))
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
 
     @tf.function
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.model}, the port's seed-{args.seed} initialization in both frameworks, float32, batch {batch}")
     for i in range(args.steps):
-        idx = order[i * batch:(i + 1) * batch]
+        idx = batches[i]
         loss = F.cross_entropy(model_logits(model, torch.from_numpy(x[idx])[:, None]), torch.from_numpy(y[idx]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
