@@ -143,6 +143,49 @@ def test_accuracy_table_summarizes_finished_runs_only(tmp_path, capsys, load_scr
     assert "| `lenet_b` | tut003 | 97.76% | 98.50% (1 seed) | - | - | - (Lightning run not finished) | 3 of 5 / - |" in out
 
 
+def test_epoch_curves_compares_the_frameworks_epoch_by_epoch_up_to_the_last_common_epoch(tmp_path, capsys,
+                                                                                            load_script):
+    """scripts/epoch_curves.py: per epoch, each framework's mean over its seeds and the Welch CI of the difference,
+    only over the epochs every finished run reached; an unknown metric or a lone run is a clear error."""
+    curves = load_script("epoch_curves")
+
+    def write(framework, seed, accs, finished=True):
+        directory = tmp_path / "lenet_d" / framework / f"seed{seed}"
+        directory.mkdir(parents=True)
+        epochs = [{"epoch": e + 1, "test_acc": acc, "val_loss": 1.0 - acc, "train_loss": 0.1, "seconds": 1.0}
+                  for e, acc in enumerate(accs)]
+        history = {"model": "lenet_d", "framework": framework, "recipe": {"name": "tut003"}, "seed": seed,
+                   "epochs": epochs, **({"test_acc": accs[-1]} if finished else {})}
+        (directory / "history.json").write_text(json.dumps(history))
+
+    write("tf", 0, [0.980, 0.990, 0.991, 0.992])
+    write("tf", 1, [0.982, 0.992, 0.993])
+    write("torch", 0, [0.970, 0.990, 0.990, 0.990, 0.990])
+    write("torch", 1, [0.972, 0.988, 0.992])
+    write("torch", 2, [0.5], finished=False)  # not finished: not counted, and does not shorten the table
+    plot = tmp_path / "curves.png"
+    assert curves.main([str(tmp_path), "lenet_d", "--metrics", "test_acc,val_loss", "--plot", str(plot),
+                        "--json", str(tmp_path / "c.json")]) == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["epochs"] == 3 and result["seeds"] == {"tf": [0, 1], "torch": [0, 1]}
+    first = result["metrics"]["test_acc"][0]
+    assert first["tf"]["mean"] == pytest.approx(0.981) and first["torch"]["mean"] == pytest.approx(0.971)
+    assert first["diff"] == pytest.approx(-0.010)
+    # Welch with equal stds 0.001414 and n = 2: se = 0.001414, df = 2, t = 4.303
+    assert first["ci95"] == pytest.approx([-0.010 - 4.303 * 0.001414, -0.010 + 4.303 * 0.001414], abs=1e-5)
+    assert result["metrics"]["val_loss"][1]["diff"] == pytest.approx(0.002)
+    out = capsys.readouterr().out
+    assert "| 1 | 98.10 ± 0.14 | 97.10 ± 0.14 | -1.00 [-1.61, -0.39] |" in out
+    assert "| 4 |" not in out
+    assert plot.stat().st_size > 0
+    assert curves.main([str(tmp_path), "lenet_d", "--epochs", "2", "--json", str(tmp_path / "c2.json")]) == 0
+    assert json.loads((tmp_path / "c2.json").read_text())["epochs"] == 2
+    with pytest.raises(SystemExit, match="unknown metric 'val_acc'.*choose from: test_acc, train_loss, val_loss"):
+        curves.main([str(tmp_path), "lenet_d", "--metrics", "val_acc"])
+    with pytest.raises(SystemExit, match="0 finished tf run"):
+        curves.main([str(tmp_path), "lenet_a"])
+
+
 def test_full_length_runs_skips_finished_and_resumes_interrupted_runs(tmp_path):
     """scripts/full_length_runs.sh with a stand-in `parity` that records its arguments: a finished run is skipped,
     an interrupted one resumed (both frameworks, every loop), a missing one started."""
