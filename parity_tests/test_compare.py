@@ -186,6 +186,23 @@ def test_epoch_curves_compares_the_frameworks_epoch_by_epoch_up_to_the_last_comm
         curves.main([str(tmp_path), "lenet_a"])
 
 
+def test_same_init_run_summary_pairs_each_seeds_two_frameworks(tmp_path, capsys, load_script):
+    """scripts/same_init_run.py --summary: the mean of the per-seed differences (port - TF) and its paired t CI."""
+    same_init = load_script("same_init_run")
+    lines = []
+    for seed, (tf_acc, torch_acc) in enumerate([(0.990, 0.985), (0.980, 0.977), (0.970, 0.966)]):
+        rows = {fw: [{"epoch": 1, "train_loss": 0.2, "val_loss": 1.0 - acc, "val_acc": acc, "test_acc": acc}]
+                for fw, acc in (("tf", tf_acc), ("torch", torch_acc))}
+        lines.append(json.dumps({"model": "lenet_d", "seed": seed, **rows}))
+    path = tmp_path / "paired.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert same_init.main(["--summary", str(path)]) == 0
+    out = capsys.readouterr().out
+    # paired diffs -0.5, -0.3, -0.4 points: mean -0.40, sd 0.10, t(2) 4.303 -> half width 0.248
+    assert "| `lenet_d` | 1 | 3 | 0.0200, 0.0240, +0.0040 [+0.0015, +0.0065] | 98.00, 97.60, -0.40 [-0.65, -0.15] |" in out
+    assert same_init.main(["--summary"]) == 2
+
+
 def test_full_length_runs_skips_finished_and_resumes_interrupted_runs(tmp_path):
     """scripts/full_length_runs.sh with a stand-in `parity` that records its arguments: a finished run is skipped,
     an interrupted one resumed (both frameworks, every loop), a missing one started."""

@@ -6,9 +6,22 @@ that run's first epoch (the port's order for the seed, `GlobalBatchSampler`), pr
 it for the one Lightning run of `lenet_c` that never trained (seed 24, loss 2.30 from the first epoch on):
 
     .venv/bin/python scripts/same_init_run.py lenet_c --seed 24 --steps 600
+
+With `--epochs E` it trains E whole epochs instead (epoch e in the port's order for the seed and epoch e, as in a
+Lightning run) and evaluates both frameworks on tutorial 003's validation and test halves after every epoch: a
+paired comparison of the two frameworks' float32 training, with the initialization and the data order taken out.
+`--json` appends the run as one line; `--summary` prints the paired differences of such lines:
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/same_init_run.py lenet_d --seed 0 --epochs 2 --json paired.jsonl
+    .venv/bin/python scripts/same_init_run.py --summary paired.jsonl
 """
 
 import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch  # before TensorFlow
@@ -16,7 +29,7 @@ import torch.nn.functional as F
 
 import torch_impl.lightning_module  # noqa: F401  (Lightning and its libraries load before TensorFlow)
 from parity.catalog import recipe_for
-from parity.data import load_arrays
+from parity.data import load_arrays, split_arrays
 from parity.interchange import torch_to_tf
 from torch_impl.datamodule import GlobalBatchSampler
 from torch_impl.lightning_module import build_optimizer
@@ -24,13 +37,58 @@ from torch_impl.models import build_model, model_logits
 from torch_impl.weights import get_weights
 
 
+METRICS = ("val_loss", "val_acc", "test_acc")
+
+
+def summary(path: Path) -> str:
+    """Per model and epoch: the mean paired difference (port - TF) of every metric over the seeds, with its t 95% CI."""
+    from parity.compare import _t_quantile_975
+
+    runs: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            run = json.loads(line)
+            runs.setdefault(run["model"], []).append(run)
+    lines = ["| model | epoch | seeds | " + " | ".join(f"{m}: TF, port, paired diff [95% CI]" for m in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for model, model_runs in runs.items():
+        for e in range(min(len(run["tf"]) for run in model_runs)):
+            cells = []
+            for metric in METRICS:
+                tf_values = [run["tf"][e][metric] for run in model_runs]
+                torch_values = [run["torch"][e][metric] for run in model_runs]
+                diffs = [b - a for a, b in zip(tf_values, torch_values)]
+                scale, digits = (100, 2) if metric.endswith("acc") else (1, 4)
+                mean = statistics.mean(diffs) * scale
+                cell = (f"{statistics.mean(tf_values) * scale:.{digits}f}, "
+                        f"{statistics.mean(torch_values) * scale:.{digits}f}, {mean:+.{digits}f}")
+                if len(diffs) > 1:
+                    half = _t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) * scale / math.sqrt(len(diffs))
+                    cell += f" [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
+                cells.append(cell)
+            lines.append(f"| `{model}` | {e + 1} | {len(model_runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--summary"]:
+        if len(argv) != 2:
+            print("usage: same_init_run.py --summary RESULTS.jsonl", file=sys.stderr)
+            return 2
+        print(summary(Path(argv[1])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=50, help="print every N steps (and the first five)")
+    parser.add_argument("--epochs", type=int,
+                        help="train this many whole epochs instead of --steps, evaluating both after every epoch")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="with --epochs: append the run as one JSON line")
     args = parser.parse_args(argv)
+    if args.json and not args.epochs:
+        parser.error("--json goes with --epochs")
     recipe = recipe_for(args.model)
     if recipe.optimizer != "rmsprop":
         parser.error(f"{args.model}'s recipe ({recipe.name}) is not tutorial 003's; this script runs RMSprop")
@@ -42,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     from tf_ref.train import make_optimizer
     from tf_ref.weights import set_weights as tf_set
 
-    data = load_arrays("mnist")
-    x = (data["x_train"].astype(np.float32) / np.float32(recipe.scale))
-    y = data["y_train"].astype(np.int64)
+    split = split_arrays(load_arrays(recipe.dataset), recipe.split)
+    x = split.x_train.astype(np.float32) / np.float32(recipe.scale)
+    y = split.y_train.astype(np.int64)
     batch = recipe.batch_size
-    batches = list(GlobalBatchSampler(len(x), batch, shuffle=True, seed=args.seed))  # the run's first epoch
-    if args.steps > len(batches):
+    sampler = GlobalBatchSampler(len(x), batch, shuffle=True, seed=args.seed)
+    batches = list(sampler)  # the run's first epoch
+    if not args.epochs and args.steps > len(batches):
         parser.error(f"--steps {args.steps}: the first epoch has {len(batches)} batches")
 
     model = build_model(args.model, seed=args.seed)
@@ -66,6 +125,55 @@ def main(argv: list[str] | None = None) -> int:
         return loss
 
     print(f"{args.model}, the port's seed-{args.seed} initialization in both frameworks, float32, batch {batch}")
+    if args.epochs:
+        @tf.function
+        def tf_eval(xb, yb):
+            probabilities = keras_model(xb, training=False)
+            return loss_fn(yb, probabilities), tf.argmax(probabilities, axis=-1)
+
+        def evaluate(images, labels) -> dict:
+            """Both frameworks' mean loss and accuracy on (images, labels), in batches of 1,000."""
+            out = {}
+            xs = images.astype(np.float32) / np.float32(recipe.scale)
+            ys = labels.astype(np.int64)
+            with torch.no_grad():
+                model.eval()
+                logits = torch.cat([model_logits(model, torch.from_numpy(xs[i:i + 1000])[:, None])
+                                    for i in range(0, len(xs), 1000)])
+                model.train()
+            target = torch.from_numpy(ys)
+            out["torch"] = (F.cross_entropy(logits, target).item(), (logits.argmax(1) == target).double().mean().item())
+            losses, correct = [], 0
+            for i in range(0, len(xs), 1000):
+                loss, predicted = tf_eval(xs[i:i + 1000][..., None], ys[i:i + 1000])
+                losses.append(float(loss) * len(xs[i:i + 1000]))
+                correct += int(np.sum(predicted.numpy() == ys[i:i + 1000]))
+            out["tf"] = (sum(losses) / len(xs), correct / len(xs))
+            return out
+
+        record = {"model": args.model, "seed": args.seed, "tf": [], "torch": []}
+        for epoch in range(args.epochs):
+            sampler.set_epoch(epoch)
+            train_loss = {"tf": 0.0, "torch": 0.0}
+            for idx in sampler:
+                loss = F.cross_entropy(model_logits(model, torch.from_numpy(x[idx])[:, None]),
+                                       torch.from_numpy(y[idx]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                train_loss["torch"] += loss.item() / len(sampler)
+                train_loss["tf"] += float(tf_step(x[idx][..., None], y[idx])) / len(sampler)
+            val, test = evaluate(split.x_val, split.y_val), evaluate(split.x_test, split.y_test)
+            for fw in ("tf", "torch"):
+                record[fw].append({"epoch": epoch + 1, "train_loss": train_loss[fw], "val_loss": val[fw][0],
+                                   "val_acc": val[fw][1], "test_acc": test[fw][1]})
+                row = record[fw][-1]
+                print(f"epoch {epoch + 1} {fw:5s} train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+                      f"val acc {row['val_acc'] * 100:.2f}%  test acc {row['test_acc'] * 100:.2f}%", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return 0
     for i in range(args.steps):
         idx = batches[i]
         loss = F.cross_entropy(model_logits(model, torch.from_numpy(x[idx])[:, None]), torch.from_numpy(y[idx]))
