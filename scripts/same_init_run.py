@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import torch_impl.lightning_module  # noqa: F401  (Lightning and its libraries load before TensorFlow)
 from parity.catalog import recipe_for
+from parity.crosscheck import keras_dtype
 from parity.data import load_arrays, split_arrays
 from parity.interchange import torch_to_tf
 from torch_impl.datamodule import GlobalBatchSampler
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int,
                         help="train this many whole epochs instead of --steps, evaluating both after every epoch")
     parser.add_argument("--json", type=Path, metavar="PATH", help="with --epochs: append the run as one JSON line")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="both frameworks in this dtype (weights, activations, optimizer state)")
     args = parser.parse_args(argv)
     if args.json and not args.epochs:
         parser.error("--json goes with --epochs")
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from tf_ref.weights import set_weights as tf_set
 
     split = split_arrays(load_arrays(recipe.dataset), recipe.split)
-    x = split.x_train.astype(np.float32) / np.float32(recipe.scale)
+    dtype = np.dtype(args.dtype)
+    x = split.x_train.astype(dtype) / dtype.type(recipe.scale)
     y = split.y_train.astype(np.int64)
     batch = recipe.batch_size
     sampler = GlobalBatchSampler(len(x), batch, shuffle=True, seed=args.seed)
@@ -109,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.epochs and args.steps > len(batches):
         parser.error(f"--steps {args.steps}: the first epoch has {len(batches)} batches")
 
-    model = build_model(args.model, seed=args.seed)
-    keras_model = build_tf(args.model, seed=0)
+    model = build_model(args.model, seed=args.seed).to(getattr(torch, args.dtype))
+    with keras_dtype(args.dtype):
+        keras_model = build_tf(args.model, seed=0)
     tf_set(keras_model, torch_to_tf(args.model, get_weights(model)))
     optimizer = build_optimizer(model.parameters(), recipe.optimizer, recipe.lr, recipe.epsilon)
-    keras_optimizer = make_optimizer(recipe, steps_per_epoch=len(batches))
+    with keras_dtype(args.dtype):
+        keras_optimizer = make_optimizer(recipe, steps_per_epoch=len(batches))
+        keras_optimizer.build(keras_model.trainable_variables)
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
 
     @tf.function
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                                             keras_model.trainable_variables))
         return loss
 
-    print(f"{args.model}, the port's seed-{args.seed} initialization in both frameworks, float32, batch {batch}")
+    print(f"{args.model}, the port's seed-{args.seed} initialization in both frameworks, {args.dtype}, batch {batch}")
     if args.epochs:
         @tf.function
         def tf_eval(xb, yb):
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         def evaluate(images, labels) -> dict:
             """Both frameworks' mean loss and accuracy on (images, labels), in batches of 1,000."""
             out = {}
-            xs = images.astype(np.float32) / np.float32(recipe.scale)
+            xs = images.astype(dtype) / dtype.type(recipe.scale)
             ys = labels.astype(np.int64)
             with torch.no_grad():
                 model.eval()
