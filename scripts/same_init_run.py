@@ -31,7 +31,7 @@ import torch_impl.lightning_module  # noqa: F401  (Lightning and its libraries l
 from parity.catalog import recipe_for
 from parity.crosscheck import keras_dtype
 from parity.data import load_arrays, split_arrays
-from parity.interchange import torch_to_tf
+from parity.interchange import tf_to_torch, torch_to_tf
 from torch_impl.datamodule import GlobalBatchSampler
 from torch_impl.lightning_module import build_optimizer
 from torch_impl.models import build_model, model_logits
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int,
                         help="train this many whole epochs instead of --steps, evaluating both after every epoch")
     parser.add_argument("--json", type=Path, metavar="PATH", help="with --epochs: append the run as one JSON line")
+    parser.add_argument("--divergence", action="store_true",
+                        help="with --steps: also print both validation losses and the largest weight difference")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="both frameworks in this dtype (weights, activations, optimizer state)")
     args = parser.parse_args(argv)
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tf_ref.models import build_model as build_tf
     from tf_ref.train import make_optimizer
+    from tf_ref.weights import get_weights as tf_get
     from tf_ref.weights import set_weights as tf_set
 
     split = split_arrays(load_arrays(recipe.dataset), recipe.split)
@@ -131,33 +134,33 @@ def main(argv: list[str] | None = None) -> int:
                                             keras_model.trainable_variables))
         return loss
 
+    @tf.function
+    def tf_eval(xb, yb):
+        probabilities = keras_model(xb, training=False)
+        return loss_fn(yb, probabilities), tf.argmax(probabilities, axis=-1)
+
+    def evaluate(images, labels) -> dict:
+        """Both frameworks' mean loss and accuracy on (images, labels), in batches of 1,000."""
+        out = {}
+        xs = images.astype(dtype) / dtype.type(recipe.scale)
+        ys = labels.astype(np.int64)
+        with torch.no_grad():
+            model.eval()
+            logits = torch.cat([model_logits(model, torch.from_numpy(xs[i:i + 1000])[:, None])
+                                for i in range(0, len(xs), 1000)])
+            model.train()
+        target = torch.from_numpy(ys)
+        out["torch"] = (F.cross_entropy(logits, target).item(), (logits.argmax(1) == target).double().mean().item())
+        losses, correct = [], 0
+        for i in range(0, len(xs), 1000):
+            loss, predicted = tf_eval(xs[i:i + 1000][..., None], ys[i:i + 1000])
+            losses.append(float(loss) * len(xs[i:i + 1000]))
+            correct += int(np.sum(predicted.numpy() == ys[i:i + 1000]))
+        out["tf"] = (sum(losses) / len(xs), correct / len(xs))
+        return out
+
     print(f"{args.model}, the port's seed-{args.seed} initialization in both frameworks, {args.dtype}, batch {batch}")
     if args.epochs:
-        @tf.function
-        def tf_eval(xb, yb):
-            probabilities = keras_model(xb, training=False)
-            return loss_fn(yb, probabilities), tf.argmax(probabilities, axis=-1)
-
-        def evaluate(images, labels) -> dict:
-            """Both frameworks' mean loss and accuracy on (images, labels), in batches of 1,000."""
-            out = {}
-            xs = images.astype(dtype) / dtype.type(recipe.scale)
-            ys = labels.astype(np.int64)
-            with torch.no_grad():
-                model.eval()
-                logits = torch.cat([model_logits(model, torch.from_numpy(xs[i:i + 1000])[:, None])
-                                    for i in range(0, len(xs), 1000)])
-                model.train()
-            target = torch.from_numpy(ys)
-            out["torch"] = (F.cross_entropy(logits, target).item(), (logits.argmax(1) == target).double().mean().item())
-            losses, correct = [], 0
-            for i in range(0, len(xs), 1000):
-                loss, predicted = tf_eval(xs[i:i + 1000][..., None], ys[i:i + 1000])
-                losses.append(float(loss) * len(xs[i:i + 1000]))
-                correct += int(np.sum(predicted.numpy() == ys[i:i + 1000]))
-            out["tf"] = (sum(losses) / len(xs), correct / len(xs))
-            return out
-
         record = {"model": args.model, "seed": args.seed, "tf": [], "torch": []}
         for epoch in range(args.epochs):
             sampler.set_epoch(epoch)
@@ -189,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         tf_loss = tf_step(x[idx][..., None], y[idx])
         if i < 5 or i % args.every == 0 or i == args.steps - 1:
-            print(f"step {i:4d}  torch loss {loss.item():.4f}  TF loss {float(tf_loss):.4f}", flush=True)
+            line = f"step {i:4d}  torch loss {loss.item():.4f}  TF loss {float(tf_loss):.4f}"
+            if args.divergence:
+                val = evaluate(split.x_val, split.y_val)
+                weights, tf_weights = get_weights(model), tf_to_torch(args.model, tf_get(keras_model))
+                apart = max(float(np.abs(np.asarray(w) - np.asarray(tf_weights[n])).max()) for n, w in weights.items())
+                line += (f"  |  val loss torch {val['torch'][0]:.5f}  TF {val['tf'][0]:.5f}  |  "
+                         f"largest weight difference {apart:.3e}")
+            print(line, flush=True)
     return 0
 
 
