@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     with keras_dtype(args.dtype):
         keras_optimizer = make_optimizer(recipe, steps_per_epoch=len(batches))
         keras_optimizer.build(keras_model.trainable_variables)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()  # a Keras loss casts predictions to its dtype
 
     @tf.function
     def tf_step(xb, yb):
