@@ -854,7 +854,8 @@ def test_lightning_fit_takes_keras_fits_steps_from_one_initialization(tf, name, 
     assert moved > 1e-3, f"{name}: the weights hardly moved ({moved:.2g}): the run did not train"
     apart = {k: float(np.abs(w - tf_weights[k]).max()) for k, w in torch_weights.items()}
     worst = max(apart, key=apart.get)
-    assert apart[worst] <= 2e-5, f"{name}: after {steps} steps {worst} differs by {apart[worst]:.3g} (moved {moved:.3g})"
+    assert apart[worst] <= 2e-5, (f"{name}: after {steps} steps {worst} differs by {apart[worst]:.3g} "
+                                  f"(moved {moved:.3g})")
     rows = {fw: run["epochs"][0] for fw, run in runs.items()}
     for key in ("train_loss", "val_loss", "val_acc", "test_acc"):
         assert rows["torch"][key] == pytest.approx(rows["tf"][key], rel=1e-4, abs=1e-6), (name, key, rows)
