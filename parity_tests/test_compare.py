@@ -199,8 +199,8 @@ def test_same_init_run_summary_pairs_each_seeds_two_frameworks(tmp_path, capsys,
     assert same_init.main(["--summary", str(path)]) == 0
     out = capsys.readouterr().out
     # paired diffs -0.5, -0.3, -0.4 points: mean -0.40, sd 0.10, t(2) 4.303 -> half width 0.248
-    assert ("| `lenet_d` | 1 | 3 | 0.0200, 0.0240, +0.0040 [+0.0015, +0.0065] | 98.00, 97.60, -0.40 [-0.65, -0.15] |"
-            in out)
+    assert ("| `lenet_d`, init torch, order torch | 1 | 3 | 0.2000, 0.2000, +0.0000 [+0.0000, +0.0000] | 0.0200, 0.0240, "
+            "+0.0040 [+0.0015, +0.0065] | 98.00, 97.60, -0.40 [-0.65, -0.15] |" in out)
     assert same_init.main(["--summary"]) == 2
 
 

@@ -14,6 +14,9 @@ paired comparison of the two frameworks' float32 training, with the initializati
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/same_init_run.py lenet_d --seed 0 --epochs 2 --json paired.jsonl
     .venv/bin/python scripts/same_init_run.py --summary paired.jsonl
+
+`--start tf` starts both from the TF reference's seed-S initialization instead, `--order tf` takes the reference's
+data order (`tf_ref.train.fit_dataset`): with both, the pair starts as a TF run of the seed does.
 """
 
 import argparse
@@ -36,9 +39,10 @@ from torch_impl.datamodule import GlobalBatchSampler
 from torch_impl.lightning_module import build_optimizer
 from torch_impl.models import build_model, model_logits
 from torch_impl.weights import get_weights
+from torch_impl.weights import set_weights as torch_set
 
 
-METRICS = ("val_loss", "val_acc", "test_acc")
+METRICS = ("train_loss", "val_loss", "val_acc", "test_acc")
 
 
 def summary(path: Path) -> str:
@@ -49,8 +53,9 @@ def summary(path: Path) -> str:
     for line in path.read_text().splitlines():
         if line.strip():
             run = json.loads(line)
-            runs.setdefault(run["model"], []).append(run)
-    lines = ["| model | epoch | seeds | " + " | ".join(f"{m}: TF, port, paired diff [95% CI]" for m in METRICS) + " |",
+            start, order = run.get("start", "torch"), run.get("order", "torch")
+            runs.setdefault(f"`{run['model']}`, init {start}, order {order}", []).append(run)
+    lines = ["| run | epoch | seeds | " + " | ".join(f"{m}: TF, port, paired diff [95% CI]" for m in METRICS) + " |",
              "|---|---|---|" + "---|" * len(METRICS)]
     for model, model_runs in runs.items():
         for e in range(min(len(run["tf"]) for run in model_runs)):
@@ -67,7 +72,7 @@ def summary(path: Path) -> str:
                     half = _t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) * scale / math.sqrt(len(diffs))
                     cell += f" [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
                 cells.append(cell)
-            lines.append(f"| `{model}` | {e + 1} | {len(model_runs)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {model} | {e + 1} | {len(model_runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -89,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="PATH", help="with --epochs: append the run as one JSON line")
     parser.add_argument("--divergence", action="store_true",
                         help="with --steps: also print both validation losses and the largest weight difference")
+    parser.add_argument("--start", choices=("torch", "tf"), default="torch",
+                        help="whose seed-S initialization both frameworks start from (default: the port's)")
+    parser.add_argument("--order", choices=("torch", "tf"), default="torch",
+                        help="with --epochs: whose data order of seed S both frameworks take (default: the port's "
+                             "GlobalBatchSampler; tf: tf_ref.train.fit_dataset)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="both frameworks in this dtype (weights, activations, optimizer state)")
     args = parser.parse_args(argv)
@@ -118,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(args.model, seed=args.seed).to(getattr(torch, args.dtype))
     with keras_dtype(args.dtype):
-        keras_model = build_tf(args.model, seed=0)
-    tf_set(keras_model, torch_to_tf(args.model, get_weights(model)))
+        keras_model = build_tf(args.model, seed=args.seed if args.start == "tf" else 0)
+    if args.start == "tf":
+        torch_set(model, tf_to_torch(args.model, tf_get(keras_model)))
+    else:
+        tf_set(keras_model, torch_to_tf(args.model, get_weights(model)))
     optimizer = build_optimizer(model.parameters(), recipe.optimizer, recipe.lr, recipe.epsilon)
     with keras_dtype(args.dtype):
         keras_optimizer = make_optimizer(recipe, steps_per_epoch=len(batches))
@@ -159,20 +172,32 @@ def main(argv: list[str] | None = None) -> int:
         out["tf"] = (sum(losses) / len(xs), correct / len(xs))
         return out
 
-    print(f"{args.model}, the port's seed-{args.seed} initialization in both frameworks, {args.dtype}, batch {batch}")
+    whose = "the port's" if args.start == "torch" else "TF's"
+    print(f"{args.model}, {whose} seed-{args.seed} initialization in both frameworks, {args.dtype}, batch {batch}")
     if args.epochs:
-        record = {"model": args.model, "seed": args.seed, "tf": [], "torch": []}
-        for epoch in range(args.epochs):
+        from tf_ref.train import fit_dataset
+
+        def epoch_batches(epoch: int) -> list:
+            if args.order == "tf":  # the reference's order: epoch e shuffled by the key (seed, e)
+                indices, _ = fit_dataset(np.arange(len(x)), np.zeros(len(x), np.int64), batch, seed=args.seed,
+                                         epochs=epoch + 1, initial_epoch=epoch)
+                return [b.numpy() for b, _ in indices]
             sampler.set_epoch(epoch)
+            return list(sampler)
+
+        record = {"model": args.model, "seed": args.seed, "start": args.start, "order": args.order, "tf": [],
+                  "torch": []}
+        for epoch in range(args.epochs):
             train_loss = {"tf": 0.0, "torch": 0.0}
-            for idx in sampler:
+            order = epoch_batches(epoch)
+            for idx in order:
                 loss = F.cross_entropy(model_logits(model, torch.from_numpy(x[idx])[:, None]),
                                        torch.from_numpy(y[idx]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                train_loss["torch"] += loss.item() / len(sampler)
-                train_loss["tf"] += float(tf_step(x[idx][..., None], y[idx])) / len(sampler)
+                train_loss["torch"] += loss.item() / len(order)
+                train_loss["tf"] += float(tf_step(x[idx][..., None], y[idx])) / len(order)
             val, test = evaluate(split.x_val, split.y_val), evaluate(split.x_test, split.y_test)
             for fw in ("tf", "torch"):
                 record[fw].append({"epoch": epoch + 1, "train_loss": train_loss[fw], "val_loss": val[fw][0],
