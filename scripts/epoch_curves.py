@@ -103,6 +103,8 @@ def plot(result: dict, path: Path) -> None:
             ax.plot(epochs, mean, marker="o", color=color, label=f"{LABELS[fw]} ({len(result['seeds'][fw])} seeds)")
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.15)
+        if metric.endswith("loss"):
+            ax.set_yscale("log")  # a loss falls by an order of magnitude in the first epochs
         ax.set_title(f"{result['model']}: {metric}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric + (" (%)" if scale == 100 else ""))
