@@ -814,12 +814,13 @@ def test_lightning_fit_takes_keras_fits_steps_from_one_initialization(tf, name, 
     """The two whole training pipelines of tutorial 003, not only their update step: `torch_impl.train.train`
     (Lightning's Trainer, the datamodule, the callbacks) and `tf_ref.train.train` (`model.fit` on `fit_dataset`,
     EarlyStopping, the callbacks), started from one initialization on the same batches (unshuffled, so both take
-    the first images in order), end their first epoch with the same weights and the same history row. (`lenet_b`
-    is left out: each framework draws its own dropout masks.)
+    the first images in order), end with the same weights and the same history rows. Two epochs of three steps, so
+    that what runs between epochs (validation, checkpoints, early stopping's bookkeeping, the history) is between
+    them too. (`lenet_b` is left out: each framework draws its own dropout masks.)
 
     Tolerance: float32. From one initialization the two frameworks' float32 trajectories agree to rounding for the
     first 10-60 steps of this recipe and then part (`results/same_init_divergence/`: RMSprop on raw 0-255 pixels
-    amplifies rounding), so the run stops at 6 steps, where they agree to about 1e-6; a step taken differently
+    amplifies rounding), so the run stops after 6 steps, where they agree to about 1e-6; a step taken differently
     (another batch, scaling, loss or update) moves weights by about lr * 3 = 3e-3.
     """
     import copy
@@ -834,8 +835,8 @@ def test_lightning_fit_takes_keras_fits_steps_from_one_initialization(tf, name, 
     from torch_impl.train import train as train_torch
     from torch_impl.weights import get_weights
 
-    steps = 6
-    recipe = recipe_for(name).replace(epochs=1, shuffle=False)
+    steps, epochs = 3, 2
+    recipe = recipe_for(name).replace(epochs=epochs, shuffle=False)
     start = build_member(name, seed=5)
     monkeypatch.setattr(lightning_module, "build_member", lambda model_name, seed=None: copy.deepcopy(start))
     build_tf = tf_ref.models.build_model
@@ -856,7 +857,8 @@ def test_lightning_fit_takes_keras_fits_steps_from_one_initialization(tf, name, 
     worst = max(apart, key=apart.get)
     assert apart[worst] <= 2e-5, (f"{name}: after {steps} steps {worst} differs by {apart[worst]:.3g} "
                                   f"(moved {moved:.3g})")
-    rows = {fw: run["epochs"][0] for fw, run in runs.items()}
-    for key in ("train_loss", "val_loss", "val_acc", "test_acc"):
-        assert rows["torch"][key] == pytest.approx(rows["tf"][key], rel=1e-4, abs=1e-6), (name, key, rows)
+    assert [len(run["epochs"]) for run in runs.values()] == [epochs, epochs]
+    for torch_row, tf_row in zip(runs["torch"]["epochs"], runs["tf"]["epochs"]):
+        for key in ("train_loss", "val_loss", "val_acc", "test_acc"):
+            assert torch_row[key] == pytest.approx(tf_row[key], rel=1e-4, abs=1e-6), (name, key, torch_row, tf_row)
     assert runs["torch"]["test_acc"] == pytest.approx(runs["tf"]["test_acc"], abs=1e-6)
