@@ -1,4 +1,5 @@
-"""Both frameworks from one initialization on the same batches, in float32: does a run's fate follow its start?
+"""Both frameworks from one initialization on the same batches (float32, or `--dtype float64`): does a run's fate
+follow its start?
 
 Builds the port's model with `--seed` (its initialization in a Lightning run of that seed), copies the weights into
 the TF reference's model, and trains both with tutorial 003's optimizer (Keras's default RMSprop) on the batches of
