@@ -181,7 +181,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def _t_quantile_975(df: float) -> float:
+def t_quantile_975(df: float) -> float:
+    """The 97.5% quantile of Student's t with df degrees of freedom (a two-sided 95% interval's factor)."""
     from scipy import stats
 
     return float(stats.t.ppf(0.975, df)) if df > 0 else float("nan")
@@ -204,7 +205,7 @@ def accuracy_equivalence(acc_tf: list[float], acc_torch: list[float], margin: fl
         a, b = std_tf**2 / n_tf, std_torch**2 / n_torch
         se = math.sqrt(a + b)
         df = (a + b) ** 2 / (a**2 / (n_tf - 1) + b**2 / (n_torch - 1)) if se > 0 else min(n_tf, n_torch) - 1
-        half = _t_quantile_975(df) * se
+        half = t_quantile_975(df) * se
         ci = [diff - half, diff + half]
     passed = abs(diff) <= margin and (ci is None or (ci[0] >= -margin and ci[1] <= margin))
     if min_acc is not None:

@@ -58,8 +58,9 @@ def curves(runs_dir: Path, model: str, metrics: list[str], epochs: int | None = 
     return result
 
 
-def _number(metric: str, value: float) -> str:
-    return f"{value * 100:.2f}" if metric.endswith("acc") else f"{value:.4f}"
+def _number(metric: str, value: float, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{value * 100:{sign}.2f}" if metric.endswith("acc") else f"{value:{sign}.4f}"
 
 
 def markdown(result: dict) -> str:
@@ -73,16 +74,11 @@ def markdown(result: dict) -> str:
                  "|---|---|---|---|"]
         for row in rows:
             cells = [f"{_number(metric, row[fw]['mean'])} ± {_number(metric, row[fw]['std'])}" for fw in FRAMEWORKS]
-            low, high = row["ci95"]
-            diff = f"{_signed(metric, row['diff'])} [{_signed(metric, low)}, {_signed(metric, high)}]"
+            diff, low, high = (_number(metric, v, signed=True) for v in (row["diff"], *row["ci95"]))
+            diff = f"{diff} [{low}, {high}]"
             lines.append(f"| {row['epoch']} | {cells[0]} | {cells[1]} | {diff} |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
-
-
-def _signed(metric: str, value: float) -> str:
-    text = _number(metric, abs(value))
-    return ("-" if value < 0 else "+") + text
 
 
 def plot(result: dict, path: Path) -> None:

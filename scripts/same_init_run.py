@@ -48,7 +48,7 @@ METRICS = ("train_loss", "val_loss", "val_acc", "test_acc")
 
 def summary(path: Path) -> str:
     """Per model and epoch: the mean paired difference (port - TF) of every metric over the seeds, with its t 95% CI."""
-    from parity.compare import _t_quantile_975
+    from parity.compare import t_quantile_975
 
     runs: dict[str, list[dict]] = {}
     for line in path.read_text().splitlines():
@@ -70,7 +70,7 @@ def summary(path: Path) -> str:
                 cell = (f"{statistics.mean(tf_values) * scale:.{digits}f}, "
                         f"{statistics.mean(torch_values) * scale:.{digits}f}, {mean:+.{digits}f}")
                 if len(diffs) > 1:
-                    half = _t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) * scale / math.sqrt(len(diffs))
+                    half = t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) * scale / math.sqrt(len(diffs))
                     cell += f" [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
                 cells.append(cell)
             lines.append(f"| {model} | {e + 1} | {len(model_runs)} | " + " | ".join(cells) + " |")
@@ -140,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         keras_optimizer.build(keras_model.trainable_variables)
         loss_fn = keras.losses.SparseCategoricalCrossentropy()  # a Keras loss casts predictions to its dtype
 
+    def torch_step(idx) -> float:
+        """One update of the port's model on the batch x[idx]; returns its loss."""
+        loss = F.cross_entropy(model_logits(model, torch.from_numpy(x[idx])[:, None]), torch.from_numpy(y[idx]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
     @tf.function
     def tf_step(xb, yb):
         with tf.GradientTape() as tape:
@@ -153,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         probabilities = keras_model(xb, training=False)
         return loss_fn(yb, probabilities), tf.argmax(probabilities, axis=-1)
 
-    def evaluate(images, labels) -> dict:
-        """Both frameworks' mean loss and accuracy on (images, labels), in batches of 1,000."""
+    def scaled(images, labels) -> tuple[np.ndarray, np.ndarray]:
+        return images.astype(dtype) / dtype.type(recipe.scale), labels.astype(np.int64)
+
+    def evaluate(xs, ys) -> dict:
+        """Both frameworks' mean loss and accuracy on scaled images xs and labels ys, in batches of 1,000."""
         out = {}
-        xs = images.astype(dtype) / dtype.type(recipe.scale)
-        ys = labels.astype(np.int64)
         with torch.no_grad():
             model.eval()
             logits = torch.cat([model_logits(model, torch.from_numpy(xs[i:i + 1000])[:, None])
@@ -173,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         out["tf"] = (sum(losses) / len(xs), correct / len(xs))
         return out
 
+    val_data = scaled(split.x_val, split.y_val)
     whose = "the port's" if args.start == "torch" else "TF's"
     print(f"{args.model}, {whose} seed-{args.seed} initialization in both frameworks, {args.dtype}, batch {batch}")
     if args.epochs:
@@ -192,14 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             train_loss = {"tf": 0.0, "torch": 0.0}
             order = epoch_batches(epoch)
             for idx in order:
-                loss = F.cross_entropy(model_logits(model, torch.from_numpy(x[idx])[:, None]),
-                                       torch.from_numpy(y[idx]))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                train_loss["torch"] += loss.item() / len(order)
+                train_loss["torch"] += torch_step(idx) / len(order)
                 train_loss["tf"] += float(tf_step(x[idx][..., None], y[idx])) / len(order)
-            val, test = evaluate(split.x_val, split.y_val), evaluate(split.x_test, split.y_test)
+            val, test = evaluate(*val_data), evaluate(*scaled(split.x_test, split.y_test))
             for fw in ("tf", "torch"):
                 record[fw].append({"epoch": epoch + 1, "train_loss": train_loss[fw], "val_loss": val[fw][0],
                                    "val_acc": val[fw][1], "test_acc": test[fw][1]})
@@ -212,15 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for i in range(args.steps):
         idx = batches[i]
-        loss = F.cross_entropy(model_logits(model, torch.from_numpy(x[idx])[:, None]), torch.from_numpy(y[idx]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = torch_step(idx)
         tf_loss = tf_step(x[idx][..., None], y[idx])
         if i < 5 or i % args.every == 0 or i == args.steps - 1:
-            line = f"step {i:4d}  torch loss {loss.item():.4f}  TF loss {float(tf_loss):.4f}"
+            line = f"step {i:4d}  torch loss {loss:.4f}  TF loss {float(tf_loss):.4f}"
             if args.divergence:
-                val = evaluate(split.x_val, split.y_val)
+                val = evaluate(*val_data)
                 weights, tf_weights = get_weights(model), tf_to_torch(args.model, tf_get(keras_model))
                 apart = max(float(np.abs(np.asarray(w) - np.asarray(tf_weights[n])).max()) for n, w in weights.items())
                 line += (f"  |  val loss torch {val['torch'][0]:.5f}  TF {val['tf'][0]:.5f}  |  "
