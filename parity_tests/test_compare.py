@@ -204,6 +204,31 @@ def test_same_init_run_summary_pairs_each_seeds_two_frameworks(tmp_path, capsys,
     assert same_init.main(["--summary"]) == 2
 
 
+@pytest.mark.tf
+@pytest.mark.parametrize("start, order", [("torch", "torch"), ("tf", "tf")])
+def test_same_init_run_epochs_trains_both_frameworks_from_one_point(tf, tmp_path, capsys, load_script, start, order):
+    """scripts/same_init_run.py --epochs: both frameworks start from one initialization (the port's or TF's seed-S
+    one) and take the same batches (the port's or TF's order), so after 2 epochs of 3 float32 steps they are still
+    rounding apart (the runs part only after 10-60 steps: RESULTS.md), and the JSON line records both."""
+    same_init = load_script("same_init_run")
+    path = tmp_path / "paired.jsonl"
+    assert same_init.main(["lenet_a", "--seed", "3", "--epochs", "2", "--limit-train", "96", "--start", start,
+                           "--order", order, "--json", str(path)]) == 0
+    run = json.loads(path.read_text())
+    assert (run["model"], run["seed"], run["start"], run["order"]) == ("lenet_a", 3, start, order)
+    assert [row["epoch"] for row in run["tf"]] == [row["epoch"] for row in run["torch"]] == [1, 2]
+    for tf_row, torch_row in zip(run["tf"], run["torch"]):
+        for metric in ("train_loss", "val_loss"):
+            assert torch_row[metric] == pytest.approx(tf_row[metric], rel=1e-4), metric
+        # the accuracies count argmaxes over 5,000 images: a logit tie broken by rounding may move one image
+        for metric in ("val_acc", "test_acc"):
+            assert torch_row[metric] == pytest.approx(tf_row[metric], abs=2 / 5000), metric
+    # six updates of RMSprop on raw pixels move the model: a start that was not shared could not agree as above
+    assert run["tf"][1]["train_loss"] < run["tf"][0]["train_loss"]
+    assert same_init.main(["--summary", str(path)]) == 0
+    assert f"| `lenet_a`, init {start}, order {order} | 2 | 1 |" in capsys.readouterr().out
+
+
 def test_full_length_runs_skips_finished_and_resumes_interrupted_runs(tmp_path):
     """scripts/full_length_runs.sh with a stand-in `parity` that records its arguments: a finished run is skipped,
     an interrupted one resumed (both frameworks, every loop), a missing one started."""

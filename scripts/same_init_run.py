@@ -21,6 +21,7 @@ data order (`tf_ref.train.fit_dataset`): with both, the pair starts as a TF run 
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                              "GlobalBatchSampler; tf: tf_ref.train.fit_dataset)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="both frameworks in this dtype (weights, activations, optimizer state)")
+    parser.add_argument("--limit-train", type=int, metavar="N",
+                        help="train on the first N training images only (a quick check of the script itself)")
     args = parser.parse_args(argv)
     if args.json and not args.epochs:
         parser.error("--json goes with --epochs")
@@ -118,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     from tf_ref.weights import set_weights as tf_set
 
     split = split_arrays(load_arrays(recipe.dataset), recipe.split)
+    if args.limit_train:
+        n = args.limit_train
+        split = dataclasses.replace(split, x_train=split.x_train[:n], y_train=split.y_train[:n])
     dtype = np.dtype(args.dtype)
     x = split.x_train.astype(dtype) / dtype.type(recipe.scale)
     y = split.y_train.astype(np.int64)
