@@ -980,7 +980,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--batch-sizes", help="comma-separated (default: each model's recipe batch; --scale: 32,100,256)")
     p.add_argument("--frameworks", default="tf,torch", help="tf, torch or both (torch alone never imports TF)")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} "
-                                      f"(default: all but compiled; --scale: tf,eager,vectorized_bare)")
+                                      f"(default: all but bf16 and compiled; --scale: tf,eager,vectorized_bare)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per repeat (an ensemble of M: steps/M)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per variant, alternating between variants")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each repeat")
