@@ -194,3 +194,48 @@ def test_hardware_names_the_gpu_on_a_cuda_device(monkeypatch):
     hardware = bench._hardware("cuda:1")
     assert hardware["gpu"] == "NVIDIA H100 80GB HBM3 #1" and hardware["gpu_memory_gib"] == 85.0
     assert hardware["cudnn"] == 91002 and "cuda" in hardware and hardware["cores"] == bench._hardware()["cores"]
+
+
+@pytest.mark.slow
+def test_gpu_measurements_script_runs_every_stage_on_a_tiny_budget(tmp_path, mnist):
+    """scripts/gpu_measurements.sh, the GPU section's commands in stages for a short device lease: with DEVICE=cpu and
+    QUICK=1 every stage runs its commands on tiny budgets and writes its files (a check of the script, not a
+    measurement), taking MNIST from a folder of gz files into an empty cache without the network, as on a machine
+    without internet; an unknown stage is refused before anything runs."""
+    import gzip
+    import os
+    import subprocess
+    import sys
+
+    from parity.data import FILES, default_cache_dir
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_measurements.sh"
+    source = tmp_path / "device_data"
+    source.mkdir()
+    for name in FILES:
+        (source / f"{name}.gz").write_bytes(gzip.compress((default_cache_dir() / "mnist" / name).read_bytes(), 1))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", QUICK="1", DATA_SOURCE=str(source),
+               PARITY_DATA_DIR=str(cache), PARITY_OFFLINE="1")
+    refused = subprocess.run(["bash", str(script), str(out), "env", "gpu"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown stage 'gpu'" in refused.stderr and not out.exists()
+
+    result = subprocess.run(["bash", str(script), str(out), "all"], env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in (cache / "mnist").glob("*-ubyte")) == sorted(FILES)
+    env_txt = (out / "env.txt").read_text()
+    assert "torch " in env_txt and "lightning " in env_txt and "TensorFlow imported: False" in env_txt
+    bench_rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert {(r["model"], r["members"]) for r in bench_rows} == {("cnn", 1), ("bn_cnn", 2)}
+    assert {r["variant"] for r in bench_rows} == {"channels_last", "bf16", "fit", "vectorized_bare"}
+    assert all(r["status"] == "ok" and r["tf_imported"] is False for r in bench_rows)
+    assert "images/s" in (out / "bench.txt").read_text()
+    scale_rows = json.loads((out / "scale.json").read_text())["rows"]
+    assert scale_rows and all(r["status"] == "ok" for r in scale_rows)
+    assert {r["batch"] for r in scale_rows} == {8, 16}
+    cnn_lines = (out / "cnn.txt").read_text().splitlines()
+    assert [line.split()[:4] for line in cnn_lines] == [["cnn_32-true", "cnn", "tut001_cnn", "epochs"],
+                                                        ["cnn_bf16-mixed", "cnn", "tut001_cnn", "epochs"]]
+    assert all("test acc" in line for line in cnn_lines)
+    assert (out / "best.txt").read_text().split()[:5] == ["best_vectorized_bf16", "bn_cnn", "tut001_best", "epochs", "1"]
