@@ -216,7 +216,7 @@ def test_gpu_measurements_script_runs_every_stage_on_a_tiny_budget(tmp_path, mni
         (source / f"{name}.gz").write_bytes(gzip.compress((default_cache_dir() / "mnist" / name).read_bytes(), 1))
     cache, out = tmp_path / "cache", tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", QUICK="1", DATA_SOURCE=str(source),
-               PARITY_DATA_DIR=str(cache), PARITY_OFFLINE="1")
+               PARITY_DATA_DIR=str(cache), PARITY_OFFLINE="1", RUNS_DIR=str(tmp_path / "runs"))
     refused = subprocess.run(["bash", str(script), str(out), "env", "gpu"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown stage 'gpu'" in refused.stderr and not out.exists()
 
@@ -239,3 +239,20 @@ def test_gpu_measurements_script_runs_every_stage_on_a_tiny_budget(tmp_path, mni
                                                         ["cnn_bf16-mixed", "cnn", "tut001_cnn", "epochs"]]
     assert all("test acc" in line for line in cnn_lines)
     assert (out / "best.txt").read_text().split()[:5] == ["best_vectorized_bf16", "bn_cnn", "tut001_best", "epochs", "1"]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.txt", "best.txt", "cnn.txt", "env.txt",
+                                                     "scale.json", "scale.txt"]  # the runs stay in RUNS_DIR
+
+    # a training run stopped at TRAIN_LIMIT_S is reported with the epochs it finished, and the next stage still runs
+    env.update(TRAIN_LIMIT_S="1")
+    stopped = subprocess.run(["bash", str(script), str(out), "cnn", "env"], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert "cnn_32-true: stopped after 1 s" in stopped.stdout and "stage env" in stopped.stdout
+    assert "no history.json: the run finished no epoch" in (out / "cnn.txt").read_text()
+
+    # a failed stage (here: no CUDA device) does not stop the next one; the script names it and exits 1
+    env.update(DEVICE="cuda", CUDA_VISIBLE_DEVICES="")
+    failing = subprocess.run(["bash", str(script), str(out), "bench", "env"], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert failing.returncode == 1 and "failed stages: bench env" in failing.stderr, failing.stderr[-3000:]
+    assert "stage env" in failing.stdout
