@@ -388,3 +388,26 @@ def test_combine_rules_against_hand_computed_scores():
     assert member_agreement(member_logits[1:2]).tolist() == [True, True, True]
     with pytest.raises(ValueError, match="choose one of: logits, probs, vote"):
         combine_members(member_logits, "median")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("optimizer_class", [KerasAdam, KerasRMSprop])
+def test_member_axis_optimizer_on_cuda_takes_the_cpu_steps(optimizer_class):
+    """On a GPU the member factors reach the device by an asynchronous copy from pinned memory (no host-device
+    synchronization per step); the steps are still each member's own: the CPU's, to float rounding, under a
+    staircase schedule that changes the factors between steps."""
+    torch.manual_seed(0)
+    params = {device: torch.randn(3 * 4, 5, dtype=torch.float64, device=device) for device in ("cpu", "cuda")}
+    params["cuda"].copy_(params["cpu"])
+    schedule = ExponentialDecay(1e-2, decay_steps=2, decay_rate=0.5, staircase=True)
+    optimizers = {device: optimizer_class([nn.Parameter(p)], lr=schedule, members=3) for device, p in params.items()}
+    for step in range(4):
+        grad = torch.randn(3 * 4, 5, dtype=torch.float64)
+        for device, optimizer in optimizers.items():
+            parameter = optimizer.param_groups[0]["params"][0]
+            parameter.grad = grad.to(device)
+            optimizer.step()
+    got = optimizers["cuda"].param_groups[0]["params"][0].detach().cpu()
+    want = optimizers["cpu"].param_groups[0]["params"][0].detach()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

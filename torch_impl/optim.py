@@ -87,8 +87,13 @@ class _KerasOptimizer(Optimizer):
                              f"{self.members} members along dim 0")
         key = (id(group), param.dtype, param.device)
         if key not in cache:  # one (M,) tensor per step, dtype and device: a single host-to-device copy
-            factors = [self._factor(group, self.iterations + k, param.dtype) for k in range(self.members)]
-            cache[key] = torch.tensor(factors, dtype=param.dtype).to(param.device)
+            factors = torch.tensor([self._factor(group, self.iterations + k, param.dtype) for k in range(self.members)],
+                                   dtype=param.dtype)
+            if param.device.type == "cuda":
+                # from pinned memory, asynchronously: a plain copy from pageable memory synchronizes the host with the
+                # GPU's stream, which would stall every step until the GPU has finished the backward pass
+                factors = factors.pin_memory().to(param.device, non_blocking=True)
+            cache[key] = factors.to(param.device)
         shaped = (*key, rows, param.dim())
         if shaped not in cache:  # member k's factor on each of its rows, broadcasting over the other dims
             column = cache[key].view(self.members, 1).expand(self.members, rows // self.members).reshape(rows)
