@@ -7,6 +7,10 @@ TensorFlow/Keras through the conftest ``tf`` fixture, which skips them where Ten
 from __future__ import annotations
 
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,6 +36,7 @@ from torch_impl.layers import (
     BatchNorm2d,
     Conv2d,
     Dropout,
+    Linear,
     LocalResponseNorm,
     MaxPool2d,
     _native_max_pool_padding,
@@ -634,6 +639,84 @@ def test_tf_dropout_keeps_where_the_uniform_draw_reaches_the_rate(tf):
     uniform = tf.random.stateless_uniform(x.shape, seed=seed, dtype=tf.float32).numpy()
     np.testing.assert_array_equal(y != 0, uniform >= DROP_RATE)
     _dropout_statistics(y, DROP_RATE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense: oneDNN's inner product for large float32 products on an x86-64 CPU
+
+ONEDNN_EXPECTED = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+
+
+def _linear_and_grads(layer: nn.Linear, x: torch.Tensor, grad: torch.Tensor, forward=None):
+    x = x.detach().requires_grad_()
+    y = (forward or layer)(x)
+    return (y, *torch.autograd.grad(y, (x, layer.weight, layer.bias), grad))
+
+
+@pytest.mark.parametrize(("batch", "fin", "fout"), [(100, 2048, 256), (32, 3136, 1024), (128, 2048, 128)])
+def test_linear_large_products_take_onednn_and_equal_f_linear_forward_and_gradients(batch, fin, fout):
+    """The catalog's large Dense layers (cnn / bn_cnn 2048->256, datacamp 2048->128, at their batch) go through
+    oneDNN's inner product on this CPU; output, input, weight and bias gradients equal `F.linear`'s to float32 rounding
+    of a different summation order (relative 1e-5 of the largest value; a wrong transpose or a missing bias would
+    be off by O(1)), and both are the float64 product to the same tolerance."""
+    torch.manual_seed(0)
+    layer = Linear(fin, fout)
+    assert isinstance(layer, nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
+    x, grad = torch.randn(batch, fin), torch.randn(batch, fout)
+    if ONEDNN_EXPECTED:
+        assert layer._use_onednn(x)
+    got = _linear_and_grads(layer, x, grad)
+    if ONEDNN_EXPECTED:
+        assert type(got[0].grad_fn).__name__ == "_OneDNNLinearBackward"
+    plain = _linear_and_grads(layer, x, grad, lambda t: F.linear(t, layer.weight, layer.bias))
+    exact = _linear_and_grads(layer.double(), x.double(), grad.double())
+    layer.float()
+    for name, a, b, c in zip(("output", "grad x", "grad weight", "grad bias"), got, plain, exact):
+        scale = c.abs().max().item()
+        assert (a.double() - c).abs().max().item() <= 1e-5 * scale, name
+        assert (a - b).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_linear_keeps_f_linear_for_small_products_other_dtypes_autocast_and_strided_input():
+    """Where oneDNN would not pay or does not apply, the layer is exactly `F.linear` (bit for bit)."""
+    torch.manual_seed(0)
+    big, small = Linear(2048, 256), Linear(256, 10)
+    assert not small._use_onednn(torch.randn(100, 256))  # 256k multiply-adds: MKL's GEMM is faster
+    assert not big._use_onednn(torch.randn(256, 100).t())  # not contiguous
+    assert not big._use_onednn(torch.randn(100, 3, 2048))  # 3-D input
+    assert not big.double()._use_onednn(torch.randn(100, 2048, dtype=torch.float64))
+    big.float()
+    x = torch.randn(100, 2048)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not big._use_onednn(x)
+        assert big(x).dtype == torch.bfloat16  # autocast's own linear
+    y = small(torch.randn(100, 256))
+    assert type(y.grad_fn).__name__ == "AddmmBackward0"
+
+
+def test_linear_under_torch_compile_is_traced_as_f_linear():
+    """torch.compile (and torch.export, which ONNX export uses) see `F.linear`, not the custom autograd function."""
+    torch._dynamo.reset()
+    layer = Linear(2048, 256)
+    x = torch.randn(100, 2048)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    y = torch.compile(layer, backend=backend)(x)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+    assert any("linear" in target for target in seen) and not any("OneDNN" in target for target in seen), seen
+
+
+def test_linear_onednn_path_switched_off_by_environment():
+    """PARITY_ONEDNN_LINEAR=0: every product through F.linear (checked in a fresh process: read at import)."""
+    code = ("import torch; from torch_impl.layers import Linear; "
+            "print(Linear(2048, 256)._use_onednn(torch.randn(100, 2048)))")
+    env = {**os.environ, "PARITY_ONEDNN_LINEAR": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ hand-written loop / in Trainer.fit, as `parity bench` runs them) plus patches:
 - `batchnorm_formula`: the Keras BatchNorm layers in training mode computed with Keras's elementwise formula
   (`tf.nn.moments`, then `x * inv + (beta - mean * inv)`: about a dozen passes forward and backward) instead of
   torch's fused `F.batch_norm`, as they were before (`bn_cnn`, its ensembles).
+- `mkl_linear`: the models' Dense layers (`torch_impl.layers.Linear`) multiply with `F.linear` (MKL's GEMM on an
+  x86 CPU) instead of oneDNN's inner product, as they did before.
 - `relu_inplace`: Keras's order (as `relu_before_pool`) with `cnn`'s ReLUs in place (`torch.relu_`), writing into
   the convolution's output while it is still in cache instead of a fresh 10 MB tensor (same values and gradients:
   the convolution's backward does not need its output).
@@ -62,6 +64,9 @@ CONFIGS = {
     "fit_relu_before_pool": ("fit", ("relu_before_pool",)),
     "fit_padded_max_pool": ("fit", ("padded_max_pool",)),
     "fit_batchnorm_formula": ("fit", ("batchnorm_formula",)),
+    "mkl_linear": ("eager", ("mkl_linear",)),
+    "bare_mkl_linear": ("bare", ("mkl_linear",)),
+    "fit_mkl_linear": ("fit", ("mkl_linear",)),
     "foreach_adam": ("eager", ("foreach_adam",)),
     "dropout_bernoulli": ("eager", ("dropout_bernoulli",)),
     "fit_dropout_bernoulli": ("fit", ("dropout_bernoulli",)),
@@ -156,6 +161,13 @@ def batchnorm_formula() -> None:
     _KerasBatchNorm._local_statistics = lambda self: False
 
 
+def mkl_linear() -> None:
+    """The port's Dense layers through `F.linear` (MKL's GEMM on an x86 CPU), not oneDNN's inner product."""
+    from torch_impl import layers
+
+    layers.Linear._use_onednn = lambda self, x: False
+
+
 def relu_inplace() -> None:
     """`cnn`'s forward with in-place ReLUs, in the same order as the model's."""
     import torch
@@ -246,6 +258,7 @@ PROCESS_PATCHES = {
     "relu_before_pool": relu_before_pool,
     "padded_max_pool": padded_max_pool,
     "batchnorm_formula": batchnorm_formula,
+    "mkl_linear": mkl_linear,
     "relu_inplace": relu_inplace,
     "foreach_adam": foreach_adam,
     "no_step_log": no_step_log,

@@ -7,6 +7,8 @@ behaviour the tutorials rely on; each class says what differs and why.
 from __future__ import annotations
 
 import math
+import os
+import platform
 from collections.abc import Sequence
 from typing import Literal
 
@@ -219,6 +221,85 @@ class Dropout(nn.Dropout):
         keep = torch.rand_like(x, dtype=torch.promote_types(x.dtype, torch.float32)).ge_(self.p)  # 1.0 or 0.0
         mask = keep.mul_(1 / (1 - self.p)).to(x.dtype)
         return x.mul_(mask) if self.inplace else x * mask
+
+
+def _onednn_inner_product_op():
+    """`torch.ops.mkldnn._linear_pointwise` where this torch build has it on an x86-64 CPU (None elsewhere, or with
+    PARITY_ONEDNN_LINEAR=0)."""
+    if os.environ.get("PARITY_ONEDNN_LINEAR", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_INNER_PRODUCT = _onednn_inner_product_op()
+ONEDNN_MIN_MACS = 1 << 22  # batch * in * out below which MKL's GEMM (F.linear) is the faster one on this CPU
+
+
+def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN's inner product (x: (B, in), weight: (out, in), either may be a transpose)."""
+    return _INNER_PRODUCT(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` for 2-D float32 CPU tensors with its forward and both gradients on oneDNN's inner product."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _inner_product(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _inner_product(grad, weight.t(), None) if ctx.needs_input_grad[0] else None  # (B, out) @ (out, in)
+        grad_w = _inner_product(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None  # (out, B) @ (B, in)
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """``keras.layers.Dense`` without its activation: ``nn.Linear``, whose large float32 products on an x86-64 CPU run
+    on oneDNN's inner product, as TensorFlow's Dense does there.
+
+    Same parameters, initialization hooks and state dict as ``nn.Linear``; the same results to float32 rounding (the
+    sums run in another order). Why: on a CPU torch multiplies float32 matrices with MKL, TensorFlow with oneDNN,
+    and on the project's AMD CPU MKL's GEMM reaches under half oneDNN's rate: `cnn`'s Dense 2048->256, forward and
+    both gradients, took 1.8-2x TensorFlow's time (BENCHMARKS.md). The forward and both gradients go through
+    ``torch.ops.mkldnn._linear_pointwise``, the op torch's own inductor CPU backend emits for a linear layer.
+    ``F.linear`` keeps everything else: products under ``ONEDNN_MIN_MACS`` multiply-adds per batch (oneDNN's fixed
+    cost per call is larger than MKL's), other dtypes and devices, autocast, ``torch.compile`` / ``torch.export``
+    tracing, and builds without the op. ``PARITY_ONEDNN_LINEAR=0`` switches it off.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_onednn(x):
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def _use_onednn(self, x: torch.Tensor) -> bool:
+        return (
+            _INNER_PRODUCT is not None
+            and x.dim() == 2
+            and x.shape[0] * self.in_features * self.out_features >= ONEDNN_MIN_MACS
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and x.is_contiguous()
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+        )
 
 
 class _KerasBatchNorm(nn.modules.batchnorm._BatchNorm):

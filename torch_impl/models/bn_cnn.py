@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import glorot_normal_
-from torch_impl.layers import BatchNorm1d, BatchNorm2d, Dropout, MaxPool2d
+from torch_impl.layers import BatchNorm1d, BatchNorm2d, Dropout, Linear, MaxPool2d
 
 
 class ConvBNRelu(nn.Module):
@@ -31,7 +31,7 @@ class ConvBNRelu(nn.Module):
 class DenseBNRelu(nn.Module):
     def __init__(self, in_features: int, units: int):
         super().__init__()
-        self.dense = nn.Linear(in_features, units)
+        self.dense = Linear(in_features, units)
         self.bn = BatchNorm1d(units)
         glorot_normal_(self.dense.weight)
         nn.init.zeros_(self.dense.bias)
@@ -53,7 +53,7 @@ class BNCNN(nn.Module):
         self.pool3_flat = nn.Flatten()
         self.dense4 = DenseBNRelu(4 * 4 * 128, 256)
         self.drop4 = Dropout(dropout)
-        self.dense5 = nn.Linear(256, num_classes)
+        self.dense5 = Linear(256, num_classes)
         glorot_normal_(self.dense5.weight)
         nn.init.zeros_(self.dense5.bias)
 

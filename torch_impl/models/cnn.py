@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import keras_init_
-from torch_impl.layers import Dropout, MaxPool2d
+from torch_impl.layers import Dropout, Linear, MaxPool2d
 
 
 class CNN(nn.Module):
@@ -27,9 +27,9 @@ class CNN(nn.Module):
         self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
         self.pool3 = MaxPool2d(2, padding="same")  # 7 -> 4: TF pads the extra row/column at the bottom/right
         self.pool3_flat = nn.Flatten()  # NCHW order; weight transfer permutes dense4 (see parity.interchange)
-        self.dense4 = nn.Linear(4 * 4 * 128, 256)
+        self.dense4 = Linear(4 * 4 * 128, 256)
         self.drop4 = Dropout(dropout)
-        self.dense5 = nn.Linear(256, num_classes)
+        self.dense5 = Linear(256, num_classes)
         keras_init_(self)  # Keras defaults: glorot_uniform kernels, zero biases
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, 10) logits

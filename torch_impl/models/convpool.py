@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import keras_init_
-from torch_impl.layers import Dropout
+from torch_impl.layers import Dropout, Linear
 
 
 class ConvPool(nn.Module):
@@ -21,9 +21,9 @@ class ConvPool(nn.Module):
         self.pool2 = nn.AvgPool2d(2, 2)
         self.drop2 = Dropout(0.25)
         self.flatten = nn.Flatten()
-        self.dense1 = nn.Linear(7 * 7 * 32, 256)
+        self.dense1 = Linear(7 * 7 * 32, 256)
         self.drop3 = Dropout(0.5)
-        self.logits = nn.Linear(256, num_classes)
+        self.logits = Linear(256, num_classes)
         keras_init_(self)  # tf.layers defaults are Keras's: glorot_uniform kernels, zero biases
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import glorot_uniform_, tf1_xavier_uniform_
-from torch_impl.layers import Dropout, MaxPool2d
+from torch_impl.layers import Dropout, Linear, MaxPool2d
 
 
 class DataCampCNN(nn.Module):
@@ -26,8 +26,8 @@ class DataCampCNN(nn.Module):
         self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
         self.pool3 = MaxPool2d(2, padding="same")  # 7 -> 4
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(4 * 4 * 128, 128)
-        self.out = nn.Linear(128, num_classes)
+        self.fc1 = Linear(4 * 4 * 128, 128)
+        self.out = Linear(128, num_classes)
         if dropout:
             self.drop1, self.drop2, self.drop3 = Dropout(0.25), Dropout(0.25), Dropout(0.4)
             self.drop4 = Dropout(0.3)

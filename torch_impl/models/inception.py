@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import keras_init_
-from torch_impl.layers import Conv2d, LocalResponseNorm, MaxPool2d
+from torch_impl.layers import Conv2d, Linear, LocalResponseNorm, MaxPool2d
 from torch_impl.models.lenet import LRN_PARAMS, SoftmaxClassifier
 
 FILTERS = (8, 16, 4, 4, 12, 2)
@@ -52,7 +52,7 @@ class InceptionE(SoftmaxClassifier):
         self.conv4 = nn.Conv2d(self.inception2.out_channels, 128, 3)
         self.conv5 = nn.Conv2d(128, 32, 1)
         self.flatten = nn.Flatten()
-        self.dense = nn.Linear(32, num_classes)
+        self.dense = Linear(32, num_classes)
         keras_init_(self)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from torch_impl.init import keras_init_
-from torch_impl.layers import Conv2d, Dropout, LocalResponseNorm
+from torch_impl.layers import Conv2d, Dropout, Linear, LocalResponseNorm
 
 LRN_PARAMS = dict(depth_radius=2, bias=1.0, alpha=0.00002, beta=0.75)
 
@@ -48,7 +48,7 @@ class LeNet(SoftmaxClassifier):
         self.conv5 = nn.Conv2d(128, 32, 1)
         self.drop2 = Dropout(0.45) if variant == "b" else None
         self.flatten = nn.Flatten()
-        self.dense = nn.Linear(32, num_classes)
+        self.dense = Linear(32, num_classes)
         keras_init_(self)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ class LeNetD(SoftmaxClassifier):
         self.conv7 = nn.Conv2d(64, 128, 3)
         self.conv8 = nn.Conv2d(128, 32, 1)
         self.flatten = nn.Flatten()
-        self.dense = nn.Linear(32, num_classes)
+        self.dense = Linear(32, num_classes)
         keras_init_(self)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
