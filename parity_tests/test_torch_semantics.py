@@ -650,7 +650,7 @@ ONEDNN_EXPECTED = platform.machine().lower() in ("x86_64", "amd64") and torch.ba
 def _linear_and_grads(layer: nn.Linear, x: torch.Tensor, grad: torch.Tensor, forward=None):
     x = x.detach().requires_grad_()
     y = (forward or layer)(x)
-    return (y, *torch.autograd.grad(y, (x, layer.weight, layer.bias), grad))
+    return [y, *torch.autograd.grad(y, (x, layer.weight, layer.bias), grad)]
 
 
 @pytest.mark.parametrize(("batch", "fin", "fout"), [(100, 2048, 256), (32, 3136, 1024), (128, 2048, 128)])
@@ -708,6 +708,34 @@ def test_linear_under_torch_compile_is_traced_as_f_linear():
     y = torch.compile(layer, backend=backend)(x)
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
     assert any("linear" in target for target in seen) and not any("OneDNN" in target for target in seen), seen
+
+
+@pytest.mark.tf
+def test_port_dense_matches_keras_dense_forward_and_gradients(tf, keras):
+    """`keras.layers.Dense(256)` on (100, 2048) float32, its kernel (in, out) given to the port's `Linear` as
+    weight (out, in): output, input, kernel and bias gradients agree to float32 rounding (relative 1e-5 of the
+    largest value), with the port on its oneDNN path where this CPU has it."""
+    rng = np_rng(3)
+    x = rng.normal(size=(100, 2048)).astype(np.float32)
+    grad = rng.normal(size=(100, 256)).astype(np.float32)
+    dense = keras.layers.Dense(256)
+    dense.build((None, 2048))
+    dense.bias.assign(rng.normal(size=256).astype(np.float32))
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        out = dense(xt)
+    want = [out, *tape.gradient(out, [xt, dense.kernel, dense.bias], output_gradients=tf.constant(grad))]
+    layer = Linear(2048, 256)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(dense.kernel.numpy().T))
+        layer.bias.copy_(torch.from_numpy(dense.bias.numpy()))
+    assert layer._use_onednn(torch.from_numpy(x)) == ONEDNN_EXPECTED
+    got = _linear_and_grads(layer, torch.from_numpy(x), torch.from_numpy(grad))
+    got[2] = got[2].T  # weight gradient (out, in) -> Keras's kernel layout (in, out)
+    for name, a, b in zip(("output", "grad x", "grad kernel", "grad bias"), got, want):
+        b = np.asarray(b)
+        assert_close(a.detach().numpy(), b, 1e-5 * np.abs(b).max(), f"Dense {name} vs Keras")
 
 
 def test_linear_onednn_path_switched_off_by_environment():

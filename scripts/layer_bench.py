@@ -7,7 +7,8 @@ Each part of tutorial 001's `cnn` step is timed alone at the model's real shapes
 backward (the first one computes no input gradient, as in the model), the ReLU and the 2x2 max pooling on the
 largest activation (B x 32 x 28 x 28), the two Dense layers, and the optimizer's update of all 619,786 parameters
 (Keras's Adam in a `tf.function`; the port's `KerasAdam`), then the whole step as `parity bench` measures it. The
-torch side runs as the port does: channels_last tensors, `keep_freed_memory()`. Each framework runs in its own
+torch side runs as the port does: channels_last tensors, `keep_freed_memory()`, the port's Dense layer
+(`torch_impl.layers.Linear`). Each framework runs in its own
 process (the torch one never imports TensorFlow); the two take turns, one repeat each, and a cell is the median
 over repeats of the mean time per call over `--iters` calls after 5 warm-up calls.
 
@@ -50,6 +51,7 @@ def torch_parts(batch: int, threads: int | None) -> dict:
         torch.set_num_threads(threads)
 
     from torch_impl.cpu_tuning import keep_freed_memory
+    from torch_impl.layers import Linear
     from torch_impl.models import build_model
     from torch_impl.optim import KerasAdam
 
@@ -71,7 +73,7 @@ def torch_parts(batch: int, threads: int | None) -> dict:
         return lambda: torch.autograd.grad(fn(x), x, g)
 
     def dense_part(fin, fout):
-        dense = torch.nn.Linear(fin, fout)
+        dense = Linear(fin, fout)  # the port's Dense: oneDNN's inner product where it pays
         x, g = torch.randn(batch, fin, requires_grad=fout != 10), torch.randn(batch, fout)
         sources = ([x] if fout != 10 else []) + list(dense.parameters())
         return lambda: torch.autograd.grad(dense(x), sources, g)
