@@ -289,16 +289,17 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _use_onednn(self, x: torch.Tensor) -> bool:
+        # tracing first: under torch.export a size test would put a guard on the (symbolic) batch dimension
         return (
             _INNER_PRODUCT is not None
-            and x.dim() == 2
-            and x.shape[0] * self.in_features * self.out_features >= ONEDNN_MIN_MACS
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and x.is_contiguous()
-            and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and x.dim() == 2
+            and x.is_contiguous()
+            and x.shape[0] * self.in_features * self.out_features >= ONEDNN_MIN_MACS
         )
 
 
