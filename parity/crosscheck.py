@@ -19,9 +19,10 @@ STEPS = 50
 BATCH = 32
 
 
-def _batches(mnist, scale: float, steps: int):
-    x = (mnist["x_train"][: steps * BATCH].astype(np.float32) / np.float32(scale))[..., None]
-    y = mnist["y_train"][: steps * BATCH].astype(np.int64)
+def _batches(mnist, scale: float, steps: int, first_batch: int = 0):
+    window = slice(first_batch * BATCH, (first_batch + steps) * BATCH)
+    x = (mnist["x_train"][window].astype(np.float32) / np.float32(scale))[..., None]
+    y = mnist["y_train"][window].astype(np.int64)
     return [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(steps)]
 
 
@@ -60,13 +61,15 @@ def keras_dtype(dtype: str):
         keras.config.set_dtype_policy(policy)
 
 
-def run_both(name: str, steps: int, members: int = 1, decay_steps: int | None = None, dtype: str = "float32"):
-    """`steps` optimizer steps in each framework from the same weights on the same batches; returns the two loss
-    curves and the largest parameter difference after the first step."""
+def run_both(name: str, steps: int, members: int = 1, decay_steps: int | None = None, dtype: str = "float32",
+             first_batch: int = 0):
+    """`steps` optimizer steps in each framework from the same weights on the same batches (MNIST's training images
+    from batch `first_batch` on); returns the two loss curves and the largest parameter difference after the first
+    step."""
     with keras_dtype(dtype):
         if not get_spec(name).recipe:
             return _run_regression(name, steps, dtype)
-        return _run_both(name, steps, members, decay_steps, dtype)
+        return _run_both(name, steps, members, decay_steps, dtype, first_batch)
 
 
 def _run_regression(name, steps, dtype):
@@ -110,7 +113,7 @@ def _run_regression(name, steps, dtype):
     return np.array(tf_losses), np.array(torch_losses), first_step
 
 
-def _run_both(name, steps, members, decay_steps, dtype):
+def _run_both(name, steps, members, decay_steps, dtype, first_batch=0):
     import tensorflow as tf
 
     from tf_ref.models import build_member
@@ -159,7 +162,7 @@ def _run_both(name, steps, members, decay_steps, dtype):
 
     tf_losses, torch_losses = [], []
     first_step = None
-    for step, (x, y) in enumerate(_batches(_mnist(), recipe.scale, steps)):
+    for step, (x, y) in enumerate(_batches(_mnist(), recipe.scale, steps, first_batch)):
         x = x.astype(dtype)
         for tf_m, torch_m in zip(tf_members, torch_members):
             with tf.GradientTape() as tape:

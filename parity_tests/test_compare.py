@@ -229,6 +229,32 @@ def test_same_init_run_epochs_trains_both_frameworks_from_one_point(tf, tmp_path
     assert f"| `lenet_a`, init {start}, order {order} | 2 | 1 |" in capsys.readouterr().out
 
 
+def test_crosscheck_batches_start_at_the_first_batch_asked_for():
+    from parity.crosscheck import BATCH, _batches
+
+    mnist = {"x_train": np.arange(10 * BATCH * 4, dtype=np.uint8).reshape(-1, 2, 2) % 251,
+             "y_train": np.arange(10 * BATCH) % 10}
+    first, later = _batches(mnist, 255.0, 3), _batches(mnist, 255.0, 3, first_batch=4)
+    assert len(first) == len(later) == 3 and later[0][0].shape == (BATCH, 2, 2, 1)
+    np.testing.assert_array_equal(later[0][1], mnist["y_train"][4 * BATCH:5 * BATCH])
+    np.testing.assert_array_equal(later[2][0][..., 0], mnist["x_train"][6 * BATCH:7 * BATCH] / np.float32(255.0))
+    np.testing.assert_array_equal(first[1][1], mnist["y_train"][BATCH:2 * BATCH])
+
+
+@pytest.mark.tf
+def test_float32_drift_runs_each_window_on_its_own_batches(tf, tmp_path, capsys, load_script):
+    """scripts/float32_drift.py on a tiny budget: one row per window (the windows' batches: the test above), both
+    frameworks' first step within float32 rounding of each other, and the summary line."""
+    drift = load_script("float32_drift")
+    path = tmp_path / "drift.json"
+    assert drift.main(["--model", "cnn", "--steps", "2", "--windows", "2", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["windows"]
+    assert [row["window"] for row in rows] == [0, 1]
+    for row in rows:
+        assert 0 < row["first_step_param_diff"] < 1e-5 and row["parted_at"] in (0, 1, 2)
+    assert "parted (> 1e-05 relative) within 2 steps in" in capsys.readouterr().out
+
+
 def test_full_length_runs_skips_finished_and_resumes_interrupted_runs(tmp_path):
     """scripts/full_length_runs.sh with a stand-in `parity` that records its arguments: a finished run is skipped,
     an interrupted one resumed (both frameworks, every loop), a missing one started."""
