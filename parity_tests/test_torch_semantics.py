@@ -655,10 +655,11 @@ def _linear_and_grads(layer: nn.Linear, x: torch.Tensor, grad: torch.Tensor, for
 
 @pytest.mark.parametrize(("batch", "fin", "fout"), [(100, 2048, 256), (32, 3136, 1024), (128, 2048, 128)])
 def test_linear_large_products_take_onednn_and_equal_f_linear_forward_and_gradients(batch, fin, fout):
-    """The catalog's large Dense layers (cnn / bn_cnn 2048->256, datacamp 2048->128, at their batch) go through
-    oneDNN's inner product on this CPU; output, input, weight and bias gradients equal `F.linear`'s to float32 rounding
-    of a different summation order (relative 1e-5 of the largest value; a wrong transpose or a missing bias would
-    be off by O(1)), and both are the float64 product to the same tolerance."""
+    """The catalog's large Dense layers (cnn / bn_cnn 2048->256, datacamp 2048->128, at their batch) take their
+    gradients from oneDNN's inner product on this CPU: the output is `F.linear`'s bit for bit; input, weight and bias
+    gradients equal `F.linear`'s to float32 rounding of a different summation order (relative 1e-5 of the largest
+    value; a wrong transpose or a missing bias would be off by O(1)), and all are the float64 product to the same
+    tolerance."""
     torch.manual_seed(0)
     layer = Linear(fin, fout)
     assert isinstance(layer, nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
@@ -671,6 +672,7 @@ def test_linear_large_products_take_onednn_and_equal_f_linear_forward_and_gradie
     plain = _linear_and_grads(layer, x, grad, lambda t: F.linear(t, layer.weight, layer.bias))
     exact = _linear_and_grads(layer.double(), x.double(), grad.double())
     layer.float()
+    assert torch.equal(got[0], plain[0])
     for name, a, b, c in zip(("output", "grad x", "grad weight", "grad bias"), got, plain, exact):
         scale = c.abs().max().item()
         assert (a.double() - c).abs().max().item() <= 1e-5 * scale, name

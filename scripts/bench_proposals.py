@@ -21,8 +21,8 @@ hand-written loop / in Trainer.fit, as `parity bench` runs them) plus patches:
 - `batchnorm_formula`: the Keras BatchNorm layers in training mode computed with Keras's elementwise formula
   (`tf.nn.moments`, then `x * inv + (beta - mean * inv)`: about a dozen passes forward and backward) instead of
   torch's fused `F.batch_norm`, as they were before (`bn_cnn`, its ensembles).
-- `mkl_linear`: the models' Dense layers (`torch_impl.layers.Linear`) multiply with `F.linear` (MKL's GEMM on an
-  x86 CPU) instead of oneDNN's inner product, as they did before.
+- `mkl_linear`: the models' Dense layers (`torch_impl.layers.Linear`) take their gradients from `F.linear`'s
+  backward (MKL's GEMM on an x86 CPU) instead of oneDNN's inner product, as they did before.
 - `relu_inplace`: Keras's order (as `relu_before_pool`) with `cnn`'s ReLUs in place (`torch.relu_`), writing into
   the convolution's output while it is still in cache instead of a fresh 10 MB tensor (same values and gradients:
   the convolution's backward does not need its output).
@@ -162,7 +162,7 @@ def batchnorm_formula() -> None:
 
 
 def mkl_linear() -> None:
-    """The port's Dense layers through `F.linear` (MKL's GEMM on an x86 CPU), not oneDNN's inner product."""
+    """The port's Dense layers through `F.linear` and its backward (MKL's GEMM on an x86 CPU), not oneDNN's."""
     from torch_impl import layers
 
     layers.Linear._use_onednn = lambda self, x: False

@@ -246,11 +246,11 @@ def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` for 2-D float32 CPU tensors with its forward and both gradients on oneDNN's inner product."""
+    """``F.linear`` for 2-D float32 CPU tensors, its two gradient products on oneDNN's inner product."""
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _inner_product(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -270,17 +270,20 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """``keras.layers.Dense`` without its activation: ``nn.Linear``, whose large float32 products on an x86-64 CPU run
-    on oneDNN's inner product, as TensorFlow's Dense does there.
+    """``keras.layers.Dense`` without its activation: ``nn.Linear``, whose large float32 gradient products on an
+    x86-64 CPU run on oneDNN's inner product, as TensorFlow's Dense runs its products there.
 
-    Same parameters, initialization hooks and state dict as ``nn.Linear``; the same results to float32 rounding (the
-    sums run in another order). Why: on a CPU torch multiplies float32 matrices with MKL, TensorFlow with oneDNN,
-    and on the project's AMD CPU MKL's GEMM reaches under half oneDNN's rate: `cnn`'s Dense 2048->256, forward and
-    both gradients, took 1.8-2x TensorFlow's time (BENCHMARKS.md). The forward and both gradients go through
-    ``torch.ops.mkldnn._linear_pointwise``, the op torch's own inductor CPU backend emits for a linear layer.
-    ``F.linear`` keeps everything else: products under ``ONEDNN_MIN_MACS`` multiply-adds per batch (oneDNN's fixed
-    cost per call is larger than MKL's), other dtypes and devices, autocast, ``torch.compile`` / ``torch.export``
-    tracing, and builds without the op. ``PARITY_ONEDNN_LINEAR=0`` switches it off.
+    Same parameters, initialization hooks, state dict and forward (bit for bit) as ``nn.Linear``; the input and
+    weight gradients equal ``nn.Linear``'s to float32 rounding (the sums run in another order). Why: on a CPU torch
+    multiplies float32 matrices with MKL, TensorFlow with oneDNN, and on the project's AMD CPU MKL's GEMM reaches
+    under half oneDNN's rate: `cnn`'s Dense 2048->256, forward and both gradients, took 1.8-2x TensorFlow's time
+    (BENCHMARKS.md). The two gradient products, two thirds of the layer's training work, go through
+    ``torch.ops.mkldnn._linear_pointwise``, the op torch's own inductor CPU backend emits for a linear layer. The
+    forward product stays ``F.linear``'s: oneDNN's inner product rounds it with about twice MKL's error (rms against
+    a float64 product of 2,048 terms), and the forward is what inference, exported models and the forward parity
+    level see. ``F.linear`` keeps everything for products under ``ONEDNN_MIN_MACS`` multiply-adds per batch (oneDNN's
+    fixed cost per call is larger than MKL's), other dtypes and devices, autocast, ``torch.compile`` /
+    ``torch.export`` tracing, and builds without the op. ``PARITY_ONEDNN_LINEAR=0`` switches it off.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
