@@ -680,7 +680,7 @@ def test_linear_large_products_take_onednn_and_equal_f_linear_forward_and_gradie
 
 
 def test_linear_keeps_f_linear_for_small_products_other_dtypes_autocast_and_strided_input():
-    """Where oneDNN would not pay or does not apply, the layer is exactly `F.linear` (bit for bit)."""
+    """Where oneDNN would not pay or does not apply (or no gradient is taken), the layer is exactly `F.linear`."""
     torch.manual_seed(0)
     big, small = Linear(2048, 256), Linear(256, 10)
     assert not small._use_onednn(torch.randn(100, 256))  # 256k multiply-adds: MKL's GEMM is faster
@@ -689,6 +689,8 @@ def test_linear_keeps_f_linear_for_small_products_other_dtypes_autocast_and_stri
     assert not big.double()._use_onednn(torch.randn(100, 2048, dtype=torch.float64))
     big.float()
     x = torch.randn(100, 2048)
+    with torch.no_grad():  # inference: nothing to differ from F.linear
+        assert not big._use_onednn(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not big._use_onednn(x)
         assert big(x).dtype == torch.bfloat16  # autocast's own linear

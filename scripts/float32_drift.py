@@ -2,7 +2,7 @@
 several windows of the data (level 3's "float32 drift", which `parity compare` reports for the first window only).
 
     .venv/bin/python scripts/float32_drift.py [--model cnn] [--steps 50] [--windows 6] [--json PATH]
-    PARITY_ONEDNN_LINEAR=0 .venv/bin/python scripts/float32_drift.py ...   # the port's Dense layers on F.linear
+    PARITY_ONEDNN_LINEAR=0 .venv/bin/python scripts/float32_drift.py ...   # the port's Dense gradients from F.linear
 
 Window k trains both frameworks for `--steps` optimizer steps on MNIST's training batches k * steps onwards (batch
 32, as level 3). Per window: the largest parameter difference after the first step, the first step whose losses
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch_impl import layers
 
     onednn = layers._INNER_PRODUCT is not None
-    print(f"{args.model}: {args.windows} windows of {args.steps} float32 steps; port's Dense on "
+    print(f"{args.model}: {args.windows} windows of {args.steps} float32 steps; the port's Dense gradients from "
           f"{'oneDNN (large products)' if onednn else 'F.linear'}")
     print(f"{'window':>6s}  {'param diff, step 1':>18s}  {'parted at step':>14s}  {'max rel loss diff':>17s}")
     rows = []

@@ -240,9 +240,9 @@ _INNER_PRODUCT = _onednn_inner_product_op()
 ONEDNN_MIN_MACS = 1 << 22  # batch * in * out below which MKL's GEMM (F.linear) is the faster one on this CPU
 
 
-def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` by oneDNN's inner product (x: (B, in), weight: (out, in), either may be a transpose)."""
-    return _INNER_PRODUCT(x, weight, bias, "none", [], "")
+def _inner_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` by oneDNN's inner product (a: (m, k), b: (n, k); either may be a transposed view)."""
+    return _INNER_PRODUCT(a, b, None, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -263,8 +263,8 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = _inner_product(grad, weight.t(), None) if ctx.needs_input_grad[0] else None  # (B, out) @ (out, in)
-        grad_w = _inner_product(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None  # (out, B) @ (B, in)
+        grad_x = _inner_product(grad, weight.t()) if ctx.needs_input_grad[0] else None  # (B, out) @ (out, in)
+        grad_w = _inner_product(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # (out, B) @ (B, in)
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
@@ -295,6 +295,7 @@ class Linear(nn.Linear):
         # tracing first: under torch.export a size test would put a guard on the (symbolic) batch dimension
         return (
             _INNER_PRODUCT is not None
+            and torch.is_grad_enabled()  # only the gradients differ from F.linear
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
             and x.device.type == "cpu"
