@@ -73,7 +73,7 @@ def torch_parts(batch: int, threads: int | None) -> dict:
         return lambda: torch.autograd.grad(fn(x), x, g)
 
     def dense_part(fin, fout):
-        dense = Linear(fin, fout)  # the port's Dense: oneDNN's inner product where it pays
+        dense = Linear(fin, fout)  # the port's Dense: gradients from oneDNN's inner product where it pays
         x, g = torch.randn(batch, fin, requires_grad=fout != 10), torch.randn(batch, fout)
         sources = ([x] if fout != 10 else []) + list(dense.parameters())
         return lambda: torch.autograd.grad(dense(x), sources, g)
